@@ -1,0 +1,165 @@
+"""Voxel boxes, frames (crop-and-resize of a box to the network input) and the resampling they need.
+
+Axis order inside the library is (z, y, x): slice, row, column, i.e. the transpose of the (i, j, k) index order in
+which viewers send points. A frame maps a box of the volume onto a grid of ``shape`` samples with the same
+convention as ``torch.nn.functional.interpolate(..., align_corners=False)``:
+
+    frame = (voxel - start + 0.5) * shape / size - 0.5
+
+so resampling an image into a frame, mapping prompts into it, and pasting a frame's output back are exact inverses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Outside a frame, logits are "certainly background".
+LOGIT_FLOOR = -20.0
+
+HU_WINDOW = (-500.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A half-open box of voxels: start <= index < stop on each of the (z, y, x) axes."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    def __post_init__(self):
+        if any(b <= a for a, b in zip(self.start, self.stop)):
+            raise ValueError(f"empty box {self.start} -> {self.stop}")
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def contains(self, point_zyx: Sequence[float]) -> bool:
+        return all(a <= p < b for p, a, b in zip(point_zyx, self.start, self.stop))
+
+    def union(self, other: "Box") -> "Box":
+        return Box(tuple(map(min, self.start, other.start)), tuple(map(max, self.stop, other.stop)))
+
+    def contains_box(self, other: "Box") -> bool:
+        return all(a <= c and d <= b for a, b, c, d in zip(self.start, self.stop, other.start, other.stop))
+
+    @staticmethod
+    def from_extent(low: Sequence[float], high: Sequence[float], margin: Sequence[float],
+                    min_size: Sequence[int], shape: Sequence[int]) -> "Box":
+        """The box holding voxels ``low..high`` (inclusive) plus ``margin``, grown to ``min_size`` around its centre
+        and clipped to a volume of ``shape``."""
+        start, stop = [], []
+        for lo, hi, m, mn, n in zip(low, high, margin, min_size, shape):
+            a, b = np.floor(lo - m), np.ceil(hi + m) + 1
+            if b - a < mn:
+                c = (lo + hi + 1) / 2.0
+                a, b = np.floor(c - mn / 2.0), np.floor(c - mn / 2.0) + mn
+            # Shift a box that pokes out of the volume back in before clipping, so it keeps its size where possible.
+            if a < 0:
+                b, a = b - a, 0
+            if b > n:
+                a, b = max(0, a - (b - n)), n
+            start.append(int(a))
+            stop.append(int(b))
+        return Box(tuple(start), tuple(stop))
+
+    def as_list(self) -> list[list[int]]:
+        return [list(self.start), list(self.stop)]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A box of the volume resized to ``shape`` samples."""
+
+    box: Box
+    shape: tuple[int, int, int]
+
+    @property
+    def scale(self) -> np.ndarray:
+        return np.asarray(self.shape, dtype=np.float64) / np.asarray(self.box.size, dtype=np.float64)
+
+    def to_frame(self, points_zyx: np.ndarray) -> np.ndarray:
+        """Voxel coordinates (N, 3) of the volume -> continuous coordinates of this frame."""
+        p = np.asarray(points_zyx, dtype=np.float64)
+        return (p - np.asarray(self.box.start) + 0.5) * self.scale - 0.5
+
+    def to_volume(self, points_frame: np.ndarray) -> np.ndarray:
+        """Continuous frame coordinates (N, 3) -> voxel coordinates of the volume."""
+        p = np.asarray(points_frame, dtype=np.float64)
+        return (p + 0.5) / self.scale - 0.5 + np.asarray(self.box.start)
+
+
+def _linear_taps(start: int, size: int, out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear resampling of ``size`` samples from ``start`` onto ``out`` samples."""
+    src = (np.arange(out, dtype=np.float64) + 0.5) * (size / out) - 0.5
+    src = np.clip(src, 0.0, size - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    return lo + start, hi + start, (src - lo).astype(np.float32)
+
+
+def resample_box(volume: np.ndarray, box: Box, shape: Sequence[int], window: tuple[float, float] | None = None
+                 ) -> np.ndarray:
+    """Trilinear resampling of ``volume[box]`` onto ``shape`` samples (torch's align_corners=False convention).
+
+    Only the 8 * prod(shape) source voxels that the output needs are read, so the cost does not grow with the
+    volume. With ``window`` the values are clipped to it and scaled to [0, 1] before interpolation.
+    """
+    taps = [_linear_taps(a, n, m) for a, n, m in zip(box.start, box.size, shape)]
+    index = [np.concatenate([lo, hi]) for lo, hi, _ in taps]
+    block = volume[np.ix_(*index)].astype(np.float32)
+    if window is not None:
+        lo_v, hi_v = window
+        np.clip(block, lo_v, hi_v, out=block)
+        block -= lo_v
+        block *= 1.0 / (hi_v - lo_v)
+    for axis, (_, _, w) in enumerate(taps):
+        m = len(w)
+        a = np.take(block, np.arange(m), axis=axis)
+        b = np.take(block, np.arange(m, 2 * m), axis=axis)
+        shape_w = [1, 1, 1]
+        shape_w[axis] = m
+        block = a + (b - a) * w.reshape(shape_w)
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def frame_image(volume: np.ndarray, frame: Frame) -> np.ndarray:
+    """The CT image of ``frame``, windowed to [-500, 1000] HU and scaled to [0, 1]."""
+    return resample_box(volume, frame.box, frame.shape, window=HU_WINDOW)
+
+
+def logits_to_box(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Low-resolution logits (D, H, W) of a frame -> logits on every voxel of the frame's box."""
+    return F.interpolate(logits[None, None].float(), size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
+
+
+def remap_logits(logits: torch.Tensor, src: Frame, dst: Frame) -> torch.Tensor:
+    """Low-resolution logits of frame ``src`` resampled onto the same-sized grid of frame ``dst``.
+
+    Both frames use ``logits.shape`` samples over their boxes; what ``dst`` sees outside ``src`` is LOGIT_FLOOR.
+    """
+    shape = tuple(logits.shape)
+    src_f = Frame(src.box, shape)
+    dst_f = Frame(dst.box, shape)
+    axes = []
+    for ax in range(3):
+        f = np.arange(shape[ax], dtype=np.float64)
+        grid = np.zeros((shape[ax], 3))
+        grid[:, ax] = f
+        vox = dst_f.to_volume(grid)[:, ax]
+        g = src_f.to_frame(np.stack([vox] * 3, 1))[:, ax]
+        axes.append(torch.as_tensor((2 * g + 1) / shape[ax] - 1, dtype=torch.float32))
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack([xx, yy, zz], -1)[None]  # grid_sample wants (x, y, z) order
+    shifted = (logits.float() - LOGIT_FLOOR)[None, None]
+    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, 0] + LOGIT_FLOOR
