@@ -1,0 +1,13 @@
+"""Raps-3D: a 3D promptable CT segmentation model (points and 2D slice boxes as prompts) with zoom-out-zoom-in
+inference and edit caching. A plain library: it knows nothing of any server or viewer."""
+
+from .checkpoint import load_model, save_model
+from .engine import Engine
+from .errors import CheckpointError, ImageError, PromptError, Raps3DError, SessionError
+from .geometry import Box, Frame
+from .predictor import ImageState, InteractiveObject, Prompts, Result, SliceBox
+from .sessions import SessionStore
+
+__all__ = ["Box", "CheckpointError", "Engine", "Frame", "ImageError", "ImageState", "InteractiveObject",
+           "PromptError", "Prompts", "Raps3DError", "Result", "SessionError", "SessionStore", "SliceBox",
+           "load_model", "save_model"]

@@ -1,0 +1,59 @@
+"""The project's checkpoint format: {"format", "config", "state_dict" (fp16 where it helps), "meta"}.
+
+Writing goes to a temporary file in the same folder and is moved into place, so a reader never sees half a file and
+a run killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .modeling import ModelConfig, Raps3D
+
+FORMAT = "raps3d-checkpoint-v1"
+
+
+def save_model(model: Raps3D, path: str | os.PathLike, meta: dict | None = None, half: bool = True) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, "meta": meta or {}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no model checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable Raps-3D checkpoint: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a Raps-3D checkpoint (format {FORMAT!r} expected)")
+    return payload
+
+
+def load_model(path: str | os.PathLike) -> tuple[Raps3D, dict]:
+    """The model stored at ``path`` (fp32) and its metadata."""
+    payload = read_checkpoint(path)
+    model = Raps3D(ModelConfig.from_dict(payload["config"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its configuration: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model, payload.get("meta", {})

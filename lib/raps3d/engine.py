@@ -1,0 +1,48 @@
+"""The model at inference time: encode a frame, decode prompts, one forward pass at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import torch
+
+from .geometry import Frame, frame_image
+from .modeling import Raps3D
+
+
+class Engine:
+    """Wraps a Raps3D network for inference on one device.
+
+    Forward passes are serialised by one lock: on a CPU server they would only compete for the same cores, and on a
+    GPU the lock keeps peak memory predictable.
+    """
+
+    def __init__(self, model: Raps3D, device: str | torch.device = "cpu", bf16: bool = False):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.bf16 = bf16
+        self._lock = threading.Lock()
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, volume: np.ndarray, frame: Frame) -> torch.Tensor:
+        image = torch.from_numpy(frame_image(volume, frame))[None, None].to(self.device)
+        with self._lock, torch.inference_mode(), self._autocast():
+            return self.model.encode(image).float()
+
+    def decode(self, features: torch.Tensor, coords_frame: np.ndarray, labels: np.ndarray,
+               mask_logits: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, float]:
+        """Best mask's low-resolution logits (D, H, W) on the CPU and its predicted IoU."""
+        coords = torch.as_tensor(np.asarray(coords_frame, np.float32)[None], device=self.device)
+        lab = torch.as_tensor(np.asarray(labels, np.int64)[None], device=self.device)
+        mask = None if mask_logits is None else mask_logits[None, None].to(self.device)
+        with self._lock, torch.inference_mode(), self._autocast():
+            logits, iou = self.model.decode(features, coords, lab, mask, multimask)
+        best = int(iou[0].argmax())
+        return logits[0, best].float().cpu(), float(iou[0, best])

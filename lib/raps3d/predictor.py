@@ -1,0 +1,311 @@
+"""Interactive prediction: set an image once, add prompts, get the mask; zoom-out-zoom-in with edit caching.
+
+All coordinates here are voxel indices in array order (z, y, x) = (slice, row, column) of the volume as given.
+
+A first prompt runs the zoom-out pass (the whole volume resized to the network input), derives a region of interest
+from its mask, and runs the zoom-in pass on that region. Each later point is an edit: it is decoded together with all
+earlier prompts and the current mask. An edit inside the zoom-in region reuses that region's image features (decoder
+only); an edit outside grows the region, encodes once more, and continues from the current mask.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .errors import ImageError, PromptError
+from .geometry import Box, Frame, logits_to_box, remap_logits
+from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
+from .roi import expand_roi, roi_from_mask
+
+# Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
+FEATURE_CACHE_SIZE = 2
+
+
+class ImageState:
+    """A volume, validated once, with its zoom-out features shared by every object segmented on it."""
+
+    def __init__(self, engine: Engine, volume: np.ndarray, spacing=(1.0, 1.0, 1.0)):
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ImageError(f"expected a 3D volume, got an array of shape {volume.shape}")
+        if min(volume.shape) < 2:
+            raise ImageError(f"a volume of shape {volume.shape} has a single slice or row; Raps-3D needs 3D images")
+        if volume.dtype.kind not in "iuf":
+            raise ImageError(f"unsupported image data type {volume.dtype}")
+        if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+            raise ImageError("the image contains NaN or infinite values")
+        spacing = np.asarray(spacing, dtype=np.float64)
+        if spacing.shape != (3,) or not (spacing > 0).all():
+            raise ImageError(f"invalid voxel spacing {spacing.tolist()}")
+        self.engine = engine
+        self.volume = volume
+        self.shape = tuple(volume.shape)
+        self.spacing = spacing
+        self.frame = Frame(Box((0, 0, 0), self.shape), engine.config.input_shape)
+        self._features: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self.last_used = time.monotonic()
+
+    def zoom_out_features(self) -> tuple[torch.Tensor, bool]:
+        """Features of the whole volume at network input size, computed once; and whether they were cached."""
+        with self._lock:
+            if self._features is not None:
+                return self._features, True
+            self._features = self.engine.encode(self.volume, self.frame)
+            return self._features, False
+
+    @property
+    def nbytes(self) -> int:
+        return self.volume.nbytes
+
+
+@dataclass(frozen=True)
+class SliceBox:
+    """A 2D box drawn on slice ``z``: corners (y0, x0) and (y1, x1), inclusive voxel indices."""
+
+    z: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+    @property
+    def corners(self) -> np.ndarray:
+        return np.array([[self.z, self.y0, self.x0], [self.z, self.y1, self.x1]], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    points: tuple = ()  # ((z, y, x), positive: bool) in voxel coordinates
+    box: SliceBox | None = None
+
+    def coords_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        coords = [p for p, _ in self.points]
+        labels = [POSITIVE if pos else NEGATIVE for _, pos in self.points]
+        if self.box is not None:
+            coords = list(self.box.corners) + coords
+            labels = [BOX_MIN, BOX_MAX] + labels
+        return np.asarray(coords, dtype=np.float64).reshape(-1, 3), np.asarray(labels, dtype=np.int64)
+
+    @property
+    def ambiguous(self) -> bool:
+        """One point alone is ambiguous (part or whole?): the decoder then returns several masks."""
+        return self.box is None and len(self.points) == 1
+
+
+@dataclass
+class Result:
+    """The outcome of one interaction. The object's mask is zero outside ``roi``."""
+
+    mask_roi: np.ndarray  # uint8 (z, y, x) over roi
+    roi: Box
+    changed: Box  # every voxel whose value may differ from the previous result lies in this box
+    shape: tuple
+    cache_hit: bool
+    iou: float
+    timings: dict = field(default_factory=dict)
+
+    def full_mask(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The mask over the whole volume (uint8, (z, y, x)); ``out`` is reused when given."""
+        if out is None:
+            out = np.zeros(self.shape, dtype=np.uint8)
+        else:
+            out[...] = 0
+        out[self.roi.slices] = self.mask_roi
+        return out
+
+
+@dataclass(frozen=True)
+class _State:
+    prompts: Prompts
+    frame: Frame | None
+    logits: torch.Tensor | None
+    result: Result | None
+
+
+class InteractiveObject:
+    """The interaction state of one object on one image: its prompts, zoom-in region, logits and undo history."""
+
+    def __init__(self, image: ImageState, use_cache: bool = True):
+        self.image = image
+        self.engine = image.engine
+        self.use_cache = use_cache
+        self._state = _State(Prompts(), None, None, None)
+        self._history: list[_State] = []
+        self._features: dict[Box, torch.Tensor] = {}
+        self.lock = threading.RLock()
+        self.last_used = time.monotonic()
+
+    # -- public API -----------------------------------------------------------------------------------------------
+    @property
+    def prompts(self) -> Prompts:
+        return self._state.prompts
+
+    @property
+    def result(self) -> Result | None:
+        return self._state.result
+
+    def add_point(self, zyx, positive: bool = True) -> Result:
+        return self.interact(points=[(zyx, positive)])
+
+    def add_box(self, z: int, corner_a_yx, corner_b_yx) -> Result:
+        return self.interact(box=(z, corner_a_yx, corner_b_yx))
+
+    def interact(self, points=(), box=None) -> Result:
+        """Add points ``[((z, y, x), positive), ...]`` and/or a slice box ``(z, (y, x), (y, x))`` in one step."""
+        with self.lock:
+            self.last_used = time.monotonic()
+            new_points = tuple(self._check_point(p, pos, i) for i, (p, pos) in enumerate(points))
+            new_box = self._check_box(box) if box is not None else None
+            if not new_points and new_box is None:
+                raise PromptError("no prompt given: add a point or a box")
+            old = self._state
+            if new_box is not None and old.prompts.box is not None:
+                raise PromptError("this object already has a box; reset it or start a new object for another box")
+            prompts = Prompts(old.prompts.points + new_points, new_box or old.prompts.box)
+            if old.logits is None or new_box is not None:
+                if new_box is None and not any(pos for _, pos in prompts.points):
+                    raise PromptError("the first prompt of an object must be a positive point or a box")
+                state = self._first_prediction(prompts)
+            else:
+                state = self._edit(old, prompts, np.array([p for p, _ in new_points]))
+            self._history.append(old)
+            self._state = state
+            return state.result
+
+    def undo(self) -> Result | None:
+        """Back to the state before the last interaction; returns its result (None when nothing is left)."""
+        with self.lock:
+            if not self._history:
+                raise PromptError("nothing to undo")
+            current = self._state
+            self._state = self._history.pop()
+            result = self._state.result
+            if result is not None and current.result is not None:
+                result = replace(result, changed=current.result.roi.union(result.roi), cache_hit=True, timings={})
+                self._state = replace(self._state, result=result)
+            return result
+
+    def reset(self) -> None:
+        with self.lock:
+            self._state = _State(Prompts(), None, None, None)
+            self._history.clear()
+            self._features.clear()
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def _check_point(self, zyx, positive, index) -> tuple:
+        try:
+            p = np.asarray(zyx, dtype=np.float64).reshape(3)
+        except (TypeError, ValueError):
+            raise PromptError(f"point {index} must be three numbers (z, y, x), got {zyx!r}") from None
+        if not np.isfinite(p).all():
+            raise PromptError(f"point {index} has a non-finite coordinate: {p.tolist()}")
+        shape = np.asarray(self.image.shape)
+        if (p < 0).any() or (p > shape - 1).any():
+            raise PromptError(f"point {index} at (z, y, x) = {p.tolist()} lies outside the volume of shape "
+                              f"{tuple(shape.tolist())}")
+        return tuple(p.tolist()), bool(positive)
+
+    def _check_box(self, box) -> SliceBox:
+        try:
+            z, a, b = box
+            z = float(z)
+            (ya, xa), (yb, xb) = (np.asarray(a, dtype=np.float64).reshape(2), np.asarray(b, dtype=np.float64).reshape(2))
+        except (TypeError, ValueError):
+            raise PromptError(f"a box is (slice, (y0, x0), (y1, x1)), got {box!r}") from None
+        if not np.isfinite([z, ya, xa, yb, xb]).all():
+            raise PromptError("the box has a non-finite coordinate")
+        nz, ny, nx = self.image.shape
+        if not 0 <= z <= nz - 1:
+            raise PromptError(f"the box's slice {z:g} lies outside the volume's {nz} slices")
+        # Corners may come in any order (viewers map them from world coordinates): sort them.
+        y0, y1 = sorted((ya, yb))
+        x0, x1 = sorted((xa, xb))
+        if y1 < 0 or x1 < 0 or y0 > ny - 1 or x0 > nx - 1:
+            raise PromptError(f"the box (y {y0:g}..{y1:g}, x {x0:g}..{x1:g}) lies outside the slice of "
+                              f"{ny} x {nx} voxels")
+        # A box that pokes out of the slice is clipped to it.
+        y0, y1 = max(y0, 0), min(y1, ny - 1)
+        x0, x1 = max(x0, 0), min(x1, nx - 1)
+        if round(y1) <= round(y0) or round(x1) <= round(x0):
+            raise PromptError(f"the box (y {y0:g}..{y1:g}, x {x0:g}..{x1:g}) has no area; draw a box at least "
+                              "two voxels wide and high")
+        return SliceBox(int(round(z)), int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
+
+    # -- passes -------------------------------------------------------------------------------------------------
+    def _roi_features(self, frame: Frame) -> tuple[torch.Tensor, bool]:
+        feats = self._features.get(frame.box) if self.use_cache else None
+        if feats is not None:
+            return feats, True
+        feats = self.engine.encode(self.image.volume, frame)
+        self._features[frame.box] = feats
+        while len(self._features) > FEATURE_CACHE_SIZE:
+            self._features.pop(next(iter(self._features)))
+        return feats, False
+
+    def _first_prediction(self, prompts: Prompts) -> _State:
+        t0 = time.perf_counter()
+        image = self.image
+        coords, labels = prompts.coords_labels()
+        feats, zoom_out_cached = image.zoom_out_features()
+        t1 = time.perf_counter()
+        logits_out, _ = self.engine.decode(feats, image.frame.to_frame(coords), labels, None, prompts.ambiguous)
+        positive = coords[labels != NEGATIVE]
+        seeds = positive
+        if prompts.box is not None:
+            b = prompts.box
+            ys, xs = np.meshgrid(np.linspace(b.y0, b.y1, 5), np.linspace(b.x0, b.x1, 5), indexing="ij")
+            seeds = np.concatenate([positive, np.stack([np.full(ys.size, b.z), ys.ravel(), xs.ravel()], 1)])
+        roi = roi_from_mask(logits_out.numpy(), image.frame, positive.min(0), positive.max(0), seeds,
+                            image.spacing, image.shape)
+        if prompts.box is not None:
+            roi = roi.union(self._box_depth_extent(prompts.box))
+        t2 = time.perf_counter()
+        frame = Frame(roi, self.engine.config.input_shape)
+        self._features.clear()
+        feats_in, _ = self._roi_features(frame)
+        t3 = time.perf_counter()
+        logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
+        result = self._result(frame, logits, iou, changed=roi if self._state.frame is None
+                              else roi.union(self._state.frame.box), cache_hit=False)
+        t4 = time.perf_counter()
+        result.timings = {"zoom_out_encode": t1 - t0, "zoom_out_cached": zoom_out_cached, "zoom_out_decode": t2 - t1,
+                          "zoom_in_encode": t3 - t2, "zoom_in_decode_paste": t4 - t3, "total": t4 - t0}
+        return _State(prompts, frame, logits, result)
+
+    def _box_depth_extent(self, box: SliceBox) -> Box:
+        """A slice box says nothing of depth: look at least half its larger in-plane size (mm) above and below."""
+        sz, sy, sx = self.image.spacing
+        half = max((box.y1 - box.y0) * sy, (box.x1 - box.x0) * sx) / 2.0
+        dz = int(np.ceil(half / sz))
+        nz = self.image.shape[0]
+        return Box((max(box.z - dz, 0), box.y0, box.x0), (min(box.z + dz + 1, nz), box.y1 + 1, box.x1 + 1))
+
+    def _edit(self, old: _State, prompts: Prompts, new_points: np.ndarray) -> _State:
+        t0 = time.perf_counter()
+        frame = old.frame
+        prev_logits = old.logits
+        inside = all(frame.box.contains(p) for p in new_points)
+        if not inside:
+            roi = expand_roi(frame.box, new_points, self.image.spacing, self.image.shape)
+            new_frame = Frame(roi, frame.shape)
+            prev_logits = remap_logits(prev_logits, frame, new_frame)
+            frame = new_frame
+        feats, cache_hit = self._roi_features(frame)
+        t1 = time.perf_counter()
+        coords, labels = prompts.coords_labels()
+        logits, iou = self.engine.decode(feats, frame.to_frame(coords), labels, prev_logits, False)
+        result = self._result(frame, logits, iou, changed=frame.box.union(old.frame.box), cache_hit=cache_hit)
+        t2 = time.perf_counter()
+        result.timings = {"encode": t1 - t0, "decode_paste": t2 - t1, "total": t2 - t0}
+        return _State(prompts, frame, logits, result)
+
+    def _result(self, frame: Frame, logits: torch.Tensor, iou: float, changed: Box, cache_hit: bool) -> Result:
+        mask = (logits_to_box(logits, frame.box.size) > 0).numpy().astype(np.uint8)
+        return Result(mask, frame.box, changed, self.image.shape, cache_hit, iou)

@@ -1,0 +1,117 @@
+"""Interaction sessions of many users: keyed by (client, image, object), bounded, expiring, thread safe.
+
+Objects on the same image share one ImageState (the volume and its zoom-out features). Memory is bounded by the
+number of open images (the large part) and of objects; the least recently used are evicted first, and anything idle
+for longer than ``idle_seconds`` is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+import numpy as np
+
+from .engine import Engine
+from .errors import SessionError
+from .predictor import ImageState, InteractiveObject
+
+ObjectKey = tuple[Hashable, Hashable, Hashable]  # (client, image, object)
+
+
+class SessionStore:
+    def __init__(self, engine: Engine, max_images: int = 4, max_objects: int = 64, idle_seconds: float = 3600.0):
+        self.engine = engine
+        self.max_images = max_images
+        self.max_objects = max_objects
+        self.idle_seconds = idle_seconds
+        self._images: OrderedDict[Hashable, ImageState] = OrderedDict()
+        self._objects: OrderedDict[ObjectKey, InteractiveObject] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[Hashable, threading.Lock] = {}
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    def image(self, image_key: Hashable, loader: Callable[[], tuple[np.ndarray, tuple]] | None = None) -> ImageState:
+        """The open image ``image_key``; ``loader() -> (volume_zyx, spacing_zyx)`` opens it when it is not open."""
+        with self._lock:
+            self._expire()
+            state = self._images.get(image_key)
+            if state is not None:
+                self._images.move_to_end(image_key)
+                state.last_used = time.monotonic()
+                return state
+            if loader is None:
+                raise SessionError(f"image {image_key!r} is not open")
+            load_lock = self._loading.setdefault(image_key, threading.Lock())
+        # Load outside the store lock (slow I/O), once per image even under concurrent first requests.
+        with load_lock:
+            with self._lock:
+                state = self._images.get(image_key)
+            if state is None:
+                volume, spacing = loader()
+                state = ImageState(self.engine, volume, spacing)
+                with self._lock:
+                    self._images[image_key] = state
+                    self._evict()
+        with self._lock:
+            self._loading.pop(image_key, None)
+        return state
+
+    def is_open(self, image_key: Hashable) -> bool:
+        with self._lock:
+            return image_key in self._images
+
+    # -- objects --------------------------------------------------------------------------------------------------
+    def new_object(self, key: ObjectKey, image: ImageState) -> InteractiveObject:
+        obj = InteractiveObject(image)
+        with self._lock:
+            self._objects[key] = obj
+            self._objects.move_to_end(key)
+            self._evict()
+        return obj
+
+    def get_object(self, key: ObjectKey) -> InteractiveObject:
+        with self._lock:
+            self._expire()
+            obj = self._objects.get(key)
+            if obj is None:
+                raise SessionError(f"no interaction session for client {key[0]!r}, image {key[1]!r}, object "
+                                   f"{key[2]!r}: it never existed or has expired; start with a first prompt")
+            self._objects.move_to_end(key)
+            return obj
+
+    def find_object(self, key: ObjectKey) -> InteractiveObject | None:
+        try:
+            return self.get_object(key)
+        except SessionError:
+            return None
+
+    def drop_object(self, key: ObjectKey) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"images": len(self._images), "objects": len(self._objects),
+                    "image_bytes": sum(s.nbytes for s in self._images.values())}
+
+    # -- bounds (called with the lock held) ------------------------------------------------------------------------
+    def _evict(self) -> None:
+        while len(self._objects) > self.max_objects:
+            self._objects.popitem(last=False)
+        while len(self._images) > self.max_images:
+            key, state = self._images.popitem(last=False)
+            self._drop_objects_of(state)
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - self.idle_seconds
+        for key in [k for k, o in self._objects.items() if o.last_used < limit]:
+            del self._objects[key]
+        for key in [k for k, s in self._images.items() if s.last_used < limit]:
+            self._drop_objects_of(self._images.pop(key))
+
+    def _drop_objects_of(self, state: ImageState) -> None:
+        for key in [k for k, o in self._objects.items() if o.image is state]:
+            del self._objects[key]
