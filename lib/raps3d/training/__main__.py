@@ -1,0 +1,67 @@
+"""python -m raps3d.training: train (or continue training) a Raps-3D model on the real CT data folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, read_checkpoint
+from ..modeling import build_model
+from .data import data_root, training_cases, validation_cases
+from .train import TrainConfig, train
+from .validation import fixed_samples, quick_dice
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="lite", help="model configuration for a new model (lite or segvol)")
+    p.add_argument("--out", required=True, help="checkpoint to write (and to resume from with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--init", help="start from the weights of this checkpoint (fine-tuning)")
+    p.add_argument("--steps", type=int, default=2000, help="total steps (a resumed run continues up to this)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many cases per dataset")
+    p.add_argument("--val-samples", type=int, default=48)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=100)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    resume = None
+    if args.resume and out.exists():
+        model, meta = load_model(out)
+        resume = meta.get("train_state")
+        print(f"resuming from {out} at step {resume['step'] if resume else 0}", flush=True)
+    elif args.init:
+        model, meta = load_model(args.init)
+        meta = {"init": str(args.init)}
+    else:
+        model, meta = build_model(args.config), {}
+    t = time.perf_counter()
+    cases = training_cases(args.limit)
+    val = validation_cases(args.limit)
+    print(f"data from {data_root()}: {len(cases)} training cases, {len(val)} validation cases, "
+          f"loaded in {time.perf_counter() - t:.0f} s", flush=True)
+    val_samples = fixed_samples(val, model.config, args.val_samples)
+    meta.update({
+        "data": {"training": sorted({c.dataset for c in cases}), "training_cases": len(cases),
+                 "validation_cases": len(val)},
+        "command": "python -m raps3d.training " + " ".join(argv or __import__("sys").argv[1:]),
+        "hardware": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+    })
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
+    meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume, meta=meta)
+    print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

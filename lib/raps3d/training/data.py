@@ -1,0 +1,120 @@
+"""Labelled CT cases for training and evaluation: each structure of a label map is one binary target.
+
+The real CT folder is found through one setting: the RAPS3D_DATA environment variable (default: ``data`` in the
+``shared`` folder beside the project).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+MIN_STRUCTURE_VOXELS = 20
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("RAPS3D_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+@dataclass
+class Case:
+    """One CT volume (z, y, x) with its structures as {name: binary mask (z, y, x)}."""
+
+    name: str
+    dataset: str
+    volume: np.ndarray
+    spacing: tuple
+    structures: dict = field(default_factory=dict)
+
+
+def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+def split_labels(label: np.ndarray, names: dict[int, str], prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for value, name in names.items():
+        mask = label == value
+        if mask.sum() >= MIN_STRUCTURE_VOXELS:
+            out[prefix + name] = mask
+    return out
+
+
+def openkbp_cases(split: str, limit: int | None = None) -> list[Case]:
+    folder = data_root() / "openkbp" / split
+    names = json.loads((folder / "labels.json").read_text())
+    cts = sorted(folder.glob("pt_*_ct.nii.gz"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))[:limit]
+    cases = []
+    for ct in cts:
+        volume, spacing = read_zyx(ct)
+        structures = {}
+        for kind in ("oar", "ptv"):
+            path = ct.with_name(ct.name.replace("_ct.", f"_{kind}."))
+            if path.exists():
+                structures.update(split_labels(read_zyx(path)[0], {int(k): v for k, v in names[kind].items()}))
+        if structures:
+            cases.append(Case(ct.name.split("_ct")[0], "openkbp", volume, spacing, structures))
+    return cases
+
+
+def lidc_patient(path: Path) -> str:
+    return path.name.split("_R_")[0]
+
+
+def lidc_cases(validation: bool, limit: int | None = None) -> list[Case]:
+    """LIDC nodule crops; every 5th patient (by id) is held out for validation."""
+    folder = data_root() / "lidc"
+    files = sorted((folder / "image").glob("*.nii.gz"))
+    patients = sorted({lidc_patient(p) for p in files})
+    held_out = set(patients[::5])
+    cases = []
+    for path in files:
+        if (lidc_patient(path) in held_out) != validation:
+            continue
+        mask_path = folder / "nodule_mask" / path.name
+        if not mask_path.exists():
+            continue
+        volume, spacing = read_zyx(path)
+        mask = read_zyx(mask_path)[0] > 0
+        if min(volume.shape) < 2 or mask.sum() < MIN_STRUCTURE_VOXELS:
+            continue
+        cases.append(Case(path.name.replace(".nii.gz", ""), "lidc", volume, spacing, {"nodule": mask}))
+        if limit and len(cases) >= limit:
+            break
+    return cases
+
+
+TOTALSEG_NAMES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
+                  7: "pancreas", 52: "aorta", 63: "inferior_vena_cava"}
+
+
+def totalsegmentator_cases() -> list[Case]:
+    folder = data_root() / "totalsegmentator"
+    cases = []
+    ct = folder / "example_ct.nii.gz"
+    if ct.exists():
+        volume, spacing = read_zyx(ct)
+        label = read_zyx(folder / "example_seg_fast_force_split.nii.gz")[0]
+        cases.append(Case("example_ct", "totalsegmentator", volume, spacing, split_labels(label, TOTALSEG_NAMES)))
+    cta = folder / "chest_cta_aorta_ct.nii.gz"
+    if cta.exists():
+        volume, spacing = read_zyx(cta)
+        aorta = read_zyx(folder / "chest_cta_aorta_masks" / "aorta.nii.gz")[0] > 0
+        cases.append(Case("chest_cta", "totalsegmentator", volume, spacing, {"aorta": aorta}))
+    return cases
+
+
+def training_cases(limit: int | None = None) -> list[Case]:
+    return openkbp_cases("train", limit) + lidc_cases(False, limit) + totalsegmentator_cases()
+
+
+def validation_cases(limit: int | None = None) -> list[Case]:
+    return openkbp_cases("validation", limit) + lidc_cases(True, limit)

@@ -1,0 +1,80 @@
+"""Training samples: a frame (zoom-out: the whole volume; zoom-in: a crop around the structure with random margin,
+shift and some truncation), its image, the structure's mask on the decoder's grid, and a first prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..geometry import Box, Frame, HU_WINDOW, resample_box
+from ..modeling import BOX_MAX, BOX_MIN, POSITIVE, ModelConfig
+from ..roi import min_size
+from .clicks import random_interior_point, slice_box
+from .data import Case
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (D, H, W) in [0, 1]
+    target: np.ndarray  # (mask D, H, W) bool: the structure on the decoder's grid
+    coords: np.ndarray  # (N, 3) first-prompt points in network input coordinates
+    labels: np.ndarray  # (N,)
+    multimask: bool
+
+
+def zoom_in_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
+    idx = np.argwhere(mask)
+    low, high = idx.min(0).astype(float), idx.max(0).astype(float)
+    extent = high - low + 1
+    margin = extent * rng.uniform(0.05, 0.5, 3) + rng.uniform(1, 6, 3)
+    shift = extent * rng.uniform(-0.15, 0.15, 3)
+    if rng.random() < 0.15:  # truncation: the crop misses part of the structure (an edit will have to grow it)
+        shift += extent * rng.uniform(-0.35, 0.35, 3)
+    return Box.from_extent(low + shift, high + shift, margin, min_size(np.asarray(spacing), mask.shape), mask.shape)
+
+
+def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Generator,
+                zoom_out_fraction: float = 0.35, box_fraction: float = 0.5) -> Sample | None:
+    mask = case.structures[name]
+    shape = case.volume.shape
+    box = Box((0, 0, 0), shape) if rng.random() < zoom_out_fraction else zoom_in_box(mask, case.spacing, rng)
+    frame = Frame(box, config.input_shape)
+    crop = mask[box.slices]
+    if crop.sum() < 4:
+        return None
+    volume = case.volume
+    window = HU_WINDOW
+    if rng.random() < 0.5:  # intensity augmentation: shift/scale of the HU window
+        shift, scale = rng.uniform(-30, 30), rng.uniform(0.9, 1.1)
+        centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
+        half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * scale
+        window = (centre - half + shift, centre + half + shift)
+    image = resample_box(volume, box, config.input_shape, window=window)
+    target = resample_box(mask.astype(np.float32), box, config.mask_shape) > 0.5
+    if not target.any():
+        return None
+    if rng.random() < box_fraction:
+        zs = np.nonzero(crop.reshape(crop.shape[0], -1).any(1))[0]
+        z = int(rng.choice(zs))
+        (y0, x0), (y1, x1) = slice_box(crop[z])
+        h, w = y1 - y0 + 1, x1 - x0 + 1
+        jitter = rng.normal(0, 0.07, 4) * np.array([h, w, h, w])
+        y0, x0, y1, x1 = np.array([y0, x0, y1, x1]) + jitter
+        corners = np.array([[z, min(y0, y1), min(x0, x1)], [z, max(y0, y1), max(x0, x1)]]) + np.array(box.start)
+        coords, labels, multimask = frame.to_frame(corners), np.array([BOX_MIN, BOX_MAX]), False
+    else:
+        point = random_interior_point(crop, rng) + np.array(box.start)
+        coords, labels, multimask = frame.to_frame(point[None]), np.array([POSITIVE]), True
+    image, target, coords = _flip(image, target, coords, config, rng)
+    return Sample(image, target, coords, labels, multimask)
+
+
+def _flip(image, target, coords, config: ModelConfig, rng):
+    coords = coords.copy()
+    for axis in (2,):  # left-right flips only: the other axes keep their anatomical order
+        if rng.random() < 0.5:
+            image = np.flip(image, axis)
+            target = np.flip(target, axis)
+            coords[:, axis] = config.input_shape[axis] - 1 - coords[:, axis]
+    return np.ascontiguousarray(image), np.ascontiguousarray(target), coords

@@ -1,0 +1,197 @@
+"""The training loop: batches of simulated interactions, Dice + BCE + IoU-head loss, resumable, atomic publishing.
+
+Each step: encode a batch of zoom-out/zoom-in samples, decode their first prompt, then simulate 0-4 corrective
+clicks (the centre of the largest error region, with the previous logits as mask prompt), and back-propagate the loss
+of the first and the last prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_model
+from ..modeling import NEGATIVE, POSITIVE, Raps3D
+from .clicks import corrective_click
+from .data import Case
+from .sampling import Sample, make_sample
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_clicks: int = 4
+    warmup: int = 50
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice + BCE per item: logits and target (B, M, ...) -> (B, M)."""
+    prob = logits.sigmoid().flatten(2)
+    t = target.flatten(2)
+    dice = 1 - (2 * (prob * t).sum(-1) + 1) / (prob.sum(-1) + t.sum(-1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits.flatten(2), t, reduction="none").mean(-1)
+    return dice + bce
+
+
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    pred = (logits > 0).flatten(2).float()
+    t = target.flatten(2)
+    inter = (pred * t).sum(-1)
+    union = pred.sum(-1) + t.sum(-1) - inter
+    return inter / union.clamp(min=1)
+
+
+def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's rule for several outputs: train only the best one; the IoU head learns every output's real IoU."""
+    logits, iou_pred = model_out
+    t = target[:, None].expand_as(logits).float()
+    seg = segmentation_loss(logits, t)
+    best = seg.argmin(1)
+    rows = torch.arange(len(best))
+    iou_loss = F.mse_loss(iou_pred, hard_iou(logits.detach(), t))
+    return seg[rows, best].mean() + iou_loss, logits[rows, best].detach()
+
+
+def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, dataset_weights: dict) -> list[Sample]:
+    by_dataset: dict[str, list[Case]] = {}
+    for c in cases:
+        by_dataset.setdefault(c.dataset, []).append(c)
+    names = sorted(by_dataset)
+    weights = np.array([dataset_weights.get(d, 1.0) for d in names], dtype=np.float64)
+    weights /= weights.sum()
+    out = []
+    while len(out) < n:
+        group = by_dataset[names[rng.choice(len(names), p=weights)]]
+        case = group[rng.integers(len(group))]
+        structure = sorted(case.structures)[rng.integers(len(case.structures))]
+        sample = make_sample(case, structure, config, rng)
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
+def collate_prompts(coords: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(c) for c in coords)
+    c = np.zeros((len(coords), n, 3), np.float32)
+    lab = np.full((len(coords), n), -1, np.int64)
+    for i, (ci, li) in enumerate(zip(coords, labels)):
+        c[i, :len(ci)] = ci
+        lab[i, :len(li)] = li
+    return torch.from_numpy(c), torch.from_numpy(lab)
+
+
+def grid_to_input(points: np.ndarray, mask_shape, input_shape) -> np.ndarray:
+    """Decoder-grid voxel -> network input coordinates (the same align_corners=False convention as frames)."""
+    return (points + 0.5) * np.asarray(input_shape) / np.asarray(mask_shape) - 0.5
+
+
+def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
+               ) -> tuple[torch.Tensor, dict]:
+    cfg = model.config
+    image = torch.from_numpy(np.stack([s.image for s in samples]))[:, None]
+    target = torch.from_numpy(np.stack([s.target for s in samples]))
+    features = model.encode(image)
+    # Point-only and box samples need different output heads: decode the two groups separately.
+    groups = [[i for i, s in enumerate(samples) if s.multimask == m] for m in (True, False)]
+    first_loss, logits_prev = 0.0, torch.zeros(len(samples), *cfg.mask_shape)
+    for multimask, idx in zip((True, False), groups):
+        if not idx:
+            continue
+        c, lab = collate_prompts([samples[i].coords for i in idx], [samples[i].labels for i in idx])
+        loss, best = prediction_loss(model.decode(features[idx], c, lab, None, multimask), target[idx])
+        first_loss = first_loss + loss * len(idx) / len(samples)
+        logits_prev[idx] = best
+    coords = [s.coords.copy() for s in samples]
+    labels = [s.labels.copy() for s in samples]
+    n_clicks = int(rng.integers(0, max_clicks + 1))
+    if n_clicks == 0:
+        return first_loss, {"first": float(first_loss), "clicks": 0}
+    for k in range(n_clicks):
+        pred = (logits_prev > 0).numpy()
+        for i in range(len(samples)):
+            click = corrective_click(pred[i], samples[i].target)
+            if click is not None:
+                point, positive = click
+                coords[i] = np.concatenate([coords[i], grid_to_input(point, cfg.mask_shape, cfg.input_shape)[None]])
+                labels[i] = np.append(labels[i], POSITIVE if positive else NEGATIVE)
+        c, lab = collate_prompts(coords, labels)
+        last = k == n_clicks - 1
+        with torch.set_grad_enabled(last):
+            out = model.decode(features if last else features.detach(), c, lab, logits_prev[:, None], False)
+        if last:
+            edit_loss, _ = prediction_loss(out, target)
+        else:
+            logits_prev = out[0][:, 0].detach()
+    return first_loss + edit_loss, {"first": float(first_loss), "edit": float(edit_loss), "clicks": n_clicks}
+
+
+def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConfig,
+          validate: Callable[[Raps3D], float] | None = None, resume: dict | None = None,
+          dataset_weights: dict | None = None, progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
+    """Train ``model`` in place; checkpoints (fp16) go to ``out_path`` every ``save_every`` steps and at the end.
+
+    ``resume`` is a previous run's ``meta['train_state']``: step, optimizer state and RNG continue from there.
+    Returns the final metadata (also stored in the checkpoint).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step0, elapsed0, history = 0, 0.0, []
+    if resume:
+        step0 = resume["step"]
+        elapsed0 = resume.get("seconds", 0.0)
+        history = resume.get("history", [])
+        rng = np.random.default_rng([cfg.seed, step0])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    for _ in range(step0):
+        sched.step()
+    weights = dataset_weights or {"openkbp": 0.45, "lidc": 0.3, "totalsegmentator": 0.25}
+    meta = dict(meta or {})
+    t0, running = time.perf_counter(), []
+    model.train()
+    step = step0
+    for step in range(step0 + 1, cfg.steps + 1):
+        samples = pick_samples(cases, cfg.batch_size, model.config, rng, weights)
+        loss, info = train_step(model, samples, rng, cfg.max_clicks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(float(loss))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            entry = {"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
+                     "seconds": elapsed0 + time.perf_counter() - t0}
+            running = []
+            if validate is not None and (step % cfg.save_every == 0 or step == cfg.steps):
+                model.eval()
+                entry["val_dice"] = validate(model)
+                model.train()
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+            if progress:
+                progress(entry)
+        if step % cfg.save_every == 0 or step == cfg.steps or (should_stop and should_stop()):
+            meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
+            save_model(model, out_path, meta)
+            if should_stop and should_stop():
+                break
+    model.eval()
+    meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
+    return meta

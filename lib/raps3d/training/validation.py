@@ -1,0 +1,38 @@
+"""A quick validation score for training progress: Dice of first-prompt predictions on fixed held-out samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..modeling import Raps3D
+from .data import Case
+from .sampling import Sample, make_sample
+
+
+def fixed_samples(cases: list[Case], config, n: int, seed: int = 1234) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    pairs = [(c, s) for c in cases for s in sorted(c.structures)]
+    order = rng.permutation(len(pairs))
+    for i in order:
+        if len(out) >= n:
+            break
+        sample = make_sample(*pairs[i], config, rng)
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
+@torch.inference_mode()
+def quick_dice(model: Raps3D, samples: list[Sample]) -> float:
+    dices = []
+    for s in samples:
+        image = torch.from_numpy(s.image)[None, None]
+        feats = model.encode(image)
+        logits, iou = model.decode(feats, torch.from_numpy(s.coords[None]).float(),
+                                   torch.from_numpy(s.labels[None]), None, s.multimask)
+        pred = (logits[0, int(iou[0].argmax())] > 0).numpy()
+        inter = (pred & s.target).sum()
+        dices.append(2 * inter / max(pred.sum() + s.target.sum(), 1))
+    return float(np.mean(dices))

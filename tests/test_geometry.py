@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raps3d.geometry import Box, Frame, HU_WINDOW, logits_to_box, remap_logits, resample_box
+
+
+@pytest.mark.parametrize("box,shape", [
+    (Box((0, 0, 0), (37, 101, 122)), (32, 128, 128)),
+    (Box((5, 17, 3), (14, 60, 91)), (32, 64, 64)),
+    (Box((2, 2, 2), (3, 200, 9)), (32, 128, 128)),
+])
+def test_frame_round_trip_lands_on_the_voxel(box, shape):
+    frame = Frame(box, shape)
+    rng = np.random.default_rng(0)
+    voxels = rng.integers(box.start, box.stop, size=(50, 3)).astype(float)
+    back = frame.to_volume(frame.to_frame(voxels))
+    np.testing.assert_allclose(back, voxels, atol=1e-9)
+    # the box's first and last voxel centres map half a source voxel inside the frame's edges
+    first = frame.to_frame(np.array([box.start], float))[0]
+    np.testing.assert_allclose(first, 0.5 * frame.scale - 0.5)
+
+
+def test_resample_box_matches_torch_interpolation():
+    rng = np.random.default_rng(1)
+    volume = rng.integers(-1200, 2000, size=(23, 41, 37)).astype(np.int16)
+    box = Box((3, 5, 2), (20, 39, 30))
+    out = resample_box(volume, box, (32, 64, 48), window=HU_WINDOW)
+    crop = torch.from_numpy(volume[box.slices].astype(np.float32)).clamp(*HU_WINDOW)
+    crop = (crop - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0])
+    ref = F.interpolate(crop[None, None], size=(32, 64, 48), mode="trilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("shape,box", [
+    ((60, 97, 131), Box((10, 20, 30), (47, 90, 101))),   # odd sizes
+    ((25, 200, 180), Box((0, 40, 10), (25, 170, 177))),  # thin slices vs wide plane (anisotropic grid)
+])
+def test_pasted_mask_sits_on_the_right_voxels(shape, box):
+    """A structure resampled into a frame's grid and pasted back lands where it was."""
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    c = [(a + b) / 2 + 3 for a, b in zip(box.start, box.stop)]
+    r = [s * 0.25 for s in box.size]
+    blob = (((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2) <= 1
+    grid = resample_box(blob.astype(np.float32), box, (32, 64, 64))
+    pasted = (logits_to_box(torch.from_numpy(grid - 0.5), box.size) > 0).numpy()
+    full = np.zeros(shape, bool)
+    full[box.slices] = pasted
+    dice = 2 * (full & blob).sum() / (full.sum() + blob.sum())
+    assert dice > 0.9
+    np.testing.assert_allclose(np.argwhere(full).mean(0), np.argwhere(blob).mean(0), atol=0.6)
+
+
+def test_remap_logits_between_frames_keeps_position():
+    shape = (16, 32, 32)
+    src = Frame(Box((10, 10, 10), (30, 50, 50)), (32, 128, 128))
+    dst = Frame(Box((0, 0, 0), (40, 80, 80)), (32, 128, 128))
+    logits = torch.full(shape, -5.0)
+    logits[6:10, 12:20, 12:20] = 5.0
+    moved = remap_logits(logits, src, dst)
+    on = Frame(dst.box, shape).to_volume(np.argwhere(moved.numpy() > 0)).mean(0)
+    was = Frame(src.box, shape).to_volume(np.argwhere(logits.numpy() > 0)).mean(0)
+    np.testing.assert_allclose(on, was, atol=1.5)
+    assert moved[0, 0, 0] < -10  # outside the source frame: background
+
+
+def test_box_from_extent_min_size_and_clipping():
+    b = Box.from_extent((5, 5, 5), (6, 6, 6), (0, 0, 0), (8, 20, 20), (10, 100, 100))
+    assert b.size == (8, 20, 20) and b.contains((5, 5, 5))
+    b = Box.from_extent((0, 95, 0), (2, 99, 3), (2, 2, 2), (4, 30, 4), (10, 100, 100))
+    assert b.start[1] == 70 and b.stop[1] == 100  # pushed back inside, size kept
+    with pytest.raises(ValueError):
+        Box((0, 0, 0), (0, 1, 1))

@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+
+from raps3d import ImageError, ImageState, InteractiveObject, PromptError
+from raps3d.sliding_window import sliding_window_zoom_in
+
+from library_fixtures import empty_mask_engine, open_image, real_ct, synthetic_volume, untrained_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return empty_mask_engine()
+
+
+@pytest.fixture(scope="module")
+def ct(engine):
+    volume, spacing = real_ct("totalsegmentator/example_ct.nii.gz")
+    return ImageState(engine, volume, spacing)
+
+
+def test_first_point_runs_zoom_out_then_zoom_in_around_the_prompt(ct):
+    obj = InteractiveObject(ct)
+    r = obj.add_point((56, 50, 60))
+    assert not r.cache_hit
+    assert r.roi.contains((56, 50, 60))
+    assert r.roi.size != ct.shape  # a zoom-in region, not the whole volume
+    assert {"zoom_out_encode", "zoom_in_encode"} <= set(r.timings)
+    assert r.full_mask().shape == ct.shape and r.mask_roi.shape == r.roi.size
+
+
+def test_edit_inside_roi_reuses_features_and_outside_expands(ct):
+    obj = InteractiveObject(ct)
+    first = obj.add_point((56, 50, 60))
+    inside = obj.add_point((57, 52, 61), positive=False)
+    assert inside.cache_hit and inside.roi == first.roi
+    assert inside.timings["encode"] < 0.01
+    far = (5, 95, 118)
+    assert not first.roi.contains(far)
+    outside = obj.add_point(far)
+    assert not outside.cache_hit
+    assert outside.roi.contains(far) and outside.roi.contains_box(first.roi)
+    assert len(obj.prompts.points) == 3
+
+
+def test_zoom_out_features_are_shared_between_objects(ct):
+    InteractiveObject(ct).add_point((56, 50, 60))
+    r = InteractiveObject(ct).add_box(56, (40, 50), (60, 70))
+    assert r.timings["zoom_out_cached"] is True
+
+
+def test_undo_restores_previous_state_and_reset_clears(ct):
+    obj = InteractiveObject(ct)
+    first = obj.add_point((56, 50, 60))
+    obj.add_point((5, 95, 118))
+    back = obj.undo()
+    assert back.roi == first.roi and len(obj.prompts.points) == 1
+    np.testing.assert_array_equal(back.mask_roi, first.mask_roi)
+    assert obj.undo() is None and obj.result is None
+    with pytest.raises(PromptError, match="nothing to undo"):
+        obj.undo()
+    obj.add_point((56, 50, 60))
+    obj.reset()
+    assert obj.result is None and obj.prompts.points == ()
+
+
+def test_box_depth_extent_and_flipped_corners(ct):
+    a = InteractiveObject(ct).add_box(56, (40, 50), (60, 70))
+    b = InteractiveObject(ct).add_box(56, (60, 70), (40, 50))  # corners given the other way round
+    assert a.roi == b.roi
+    np.testing.assert_array_equal(a.mask_roi, b.mask_roi)
+    assert a.roi.start[0] < 56 < a.roi.stop[0] - 1  # the slice box looks above and below its slice
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda o: o.add_point((200, 10, 10)), "outside the volume"),
+    (lambda o: o.add_point((-1, 10, 10)), "outside the volume"),
+    (lambda o: o.add_point((1, 2)), "three numbers"),
+    (lambda o: o.add_point((np.nan, 2, 3)), "non-finite"),
+    (lambda o: o.interact(), "no prompt"),
+    (lambda o: o.add_point((50, 50, 50), positive=False), "positive point or a box"),
+    (lambda o: o.add_box(50, (10, 10), (10, 40)), "no area"),
+    (lambda o: o.add_box(50, (500, 500), (600, 700)), "outside the slice"),
+    (lambda o: o.add_box(500, (10, 10), (20, 20)), "outside the volume"),
+])
+def test_bad_prompts_get_clear_errors_and_lose_nothing(ct, call, message):
+    obj = InteractiveObject(ct)
+    with pytest.raises(PromptError, match=message):
+        call(obj)
+    assert obj.result is None
+    if "positive point" in message:
+        return  # a negative point is a valid edit once the object exists
+    obj.add_point((56, 50, 60))
+    before = obj.result
+    with pytest.raises(PromptError):
+        call(obj)
+    assert obj.result is before and len(obj.prompts.points) == 1
+
+
+def test_box_partly_outside_is_clipped(ct):
+    r = InteractiveObject(ct).add_box(56, (80, 100), (140, 160))
+    assert InteractiveObject(ct).prompts.box is None
+    assert r.roi.stop[1] <= ct.shape[1] and r.roi.stop[2] <= ct.shape[2]
+
+
+def test_second_box_on_one_object_is_refused(ct):
+    obj = InteractiveObject(ct)
+    obj.add_box(56, (40, 50), (60, 70))
+    with pytest.raises(PromptError, match="already has a box"):
+        obj.add_box(50, (40, 50), (60, 70))
+
+
+@pytest.mark.parametrize("volume,message", [
+    (np.zeros((64, 64), np.int16), "3D volume"),
+    (np.zeros((1, 64, 64), np.int16), "single slice"),
+    (np.full((8, 16, 16), np.nan, np.float32), "NaN"),
+    (np.zeros((8, 16, 16), bool), "data type"),
+])
+def test_bad_images_are_refused(engine, volume, message):
+    with pytest.raises(ImageError, match=message):
+        ImageState(engine, volume)
+
+
+def test_edit_without_cache_gives_the_same_mask():
+    engine = untrained_engine(3)
+    image = open_image(engine, synthetic_volume())
+    cached, plain = InteractiveObject(image), InteractiveObject(image, use_cache=False)
+    for obj in (cached, plain):
+        obj.add_point((20, 35, 45))
+    a, b = cached.add_point((22, 36, 44), False), plain.add_point((22, 36, 44), False)
+    assert a.cache_hit and not b.cache_hit
+    np.testing.assert_array_equal(a.mask_roi, b.mask_roi)
+
+
+def test_sliding_window_baseline_covers_the_roi(ct):
+    obj = InteractiveObject(ct)
+    r = obj.add_point((56, 50, 60))
+    mask = sliding_window_zoom_in(obj, obj.prompts, r.roi)
+    assert mask.shape == r.roi.size and mask.dtype == np.uint8
