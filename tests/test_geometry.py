@@ -73,3 +73,10 @@ def test_box_from_extent_min_size_and_clipping():
     assert b.start[1] == 70 and b.stop[1] == 100  # pushed back inside, size kept
     with pytest.raises(ValueError):
         Box((0, 0, 0), (0, 1, 1))
+
+
+def test_logits_to_box_equals_trilinear_interpolation():
+    logits = torch.randn(8, 16, 12)
+    ours = logits_to_box(logits, (37, 50, 29))
+    ref = F.interpolate(logits[None, None], size=(37, 50, 29), mode="trilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -40,6 +40,9 @@ def test_edit_inside_roi_reuses_features_and_outside_expands(ct):
     assert not outside.cache_hit
     assert outside.roi.contains(far) and outside.roi.contains_box(first.roi)
     assert len(obj.prompts.points) == 3
+    # a viewer's buffer holding the previous mask is brought up to date by writing only the changed box
+    buffer = inside.full_mask()
+    np.testing.assert_array_equal(outside.update(buffer), outside.full_mask())
 
 
 def test_zoom_out_features_are_shared_between_objects(ct):
@@ -136,3 +139,17 @@ def test_sliding_window_baseline_covers_the_roi(ct):
     r = obj.add_point((56, 50, 60))
     mask = sliding_window_zoom_in(obj, obj.prompts, r.roi)
     assert mask.shape == r.roi.size and mask.dtype == np.uint8
+
+
+def test_result_update_writes_only_the_changed_box():
+    from raps3d import Box, Result
+
+    shape = (10, 20, 30)
+    old = Result(np.ones((4, 5, 6), np.uint8), Box((1, 2, 3), (5, 7, 9)), Box((1, 2, 3), (5, 7, 9)), shape, False, 1.0)
+    new_roi = Box((2, 2, 2), (8, 16, 20))
+    new_mask = np.zeros(new_roi.size, np.uint8)
+    new_mask[3:, 4:, 5:] = 1
+    new = Result(new_mask, new_roi, new_roi.union(old.roi), shape, True, 1.0)
+    buffer = old.full_mask()
+    assert buffer.sum() == 4 * 5 * 6
+    np.testing.assert_array_equal(new.update(buffer), new.full_mask())

@@ -137,9 +137,27 @@ def frame_image(volume: np.ndarray, frame: Frame) -> np.ndarray:
     return resample_box(volume, frame.box, frame.shape, window=HU_WINDOW)
 
 
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of linear resampling with torch's align_corners=False convention."""
+    lo, hi, w = _linear_taps(0, n_in, n_out)
+    m = torch.zeros(n_out, n_in)
+    rows = torch.arange(n_out)
+    m[rows, torch.from_numpy(lo)] += torch.from_numpy(1 - w)
+    m[rows, torch.from_numpy(hi)] += torch.from_numpy(w)
+    return m
+
+
 def logits_to_box(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Low-resolution logits (D, H, W) of a frame -> logits on every voxel of the frame's box."""
-    return F.interpolate(logits[None, None].float(), size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
+    """Low-resolution logits (D, H, W) of a frame -> logits on every voxel of the frame's box.
+
+    Trilinear interpolation done as three small matrix products (separable), which is several times faster on a
+    CPU than a direct trilinear kernel when the box is large, and gives the same values.
+    """
+    d, h, w = logits.shape
+    mz, my, mx = (_interp_matrix(n, m) for n, m in zip(logits.shape, size))
+    x = logits.float() @ mx.T                                   # (d, h, X)
+    x = (my @ x)                                                # (d, Y, X)
+    return (mz @ x.reshape(d, -1)).reshape(len(mz), len(my), len(mx))
 
 
 def remap_logits(logits: torch.Tensor, src: Frame, dst: Frame) -> torch.Tensor:

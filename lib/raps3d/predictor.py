@@ -120,6 +120,12 @@ class Result:
         out[self.roi.slices] = self.mask_roi
         return out
 
+    def update(self, out: np.ndarray) -> np.ndarray:
+        """Bring ``out``, which holds this object's previous mask, up to date: only the changed box is written."""
+        out[self.changed.slices] = 0
+        out[self.roi.slices] = self.mask_roi
+        return out
+
 
 @dataclass(frozen=True)
 class _State:
@@ -307,5 +313,5 @@ class InteractiveObject:
         return _State(prompts, frame, logits, result)
 
     def _result(self, frame: Frame, logits: torch.Tensor, iou: float, changed: Box, cache_hit: bool) -> Result:
-        mask = (logits_to_box(logits, frame.box.size) > 0).numpy().astype(np.uint8)
+        mask = (logits_to_box(logits, frame.box.size) > 0).numpy().view(np.uint8)  # bool -> uint8 without a copy
         return Result(mask, frame.box, changed, self.image.shape, cache_hit, iou)

@@ -46,17 +46,19 @@ class SessionStore:
                 raise SessionError(f"image {image_key!r} is not open")
             load_lock = self._loading.setdefault(image_key, threading.Lock())
         # Load outside the store lock (slow I/O), once per image even under concurrent first requests.
-        with load_lock:
-            with self._lock:
-                state = self._images.get(image_key)
-            if state is None:
-                volume, spacing = loader()
-                state = ImageState(self.engine, volume, spacing)
+        try:
+            with load_lock:
                 with self._lock:
-                    self._images[image_key] = state
-                    self._evict()
-        with self._lock:
-            self._loading.pop(image_key, None)
+                    state = self._images.get(image_key)
+                if state is None:
+                    volume, spacing = loader()
+                    state = ImageState(self.engine, volume, spacing)
+                    with self._lock:
+                        self._images[image_key] = state
+                        self._evict()
+        finally:  # also when the loader fails (unreadable file): no lock left behind per bad image
+            with self._lock:
+                self._loading.pop(image_key, None)
         return state
 
     def is_open(self, image_key: Hashable) -> bool:
