@@ -102,26 +102,27 @@ def grid_to_input(points: np.ndarray, mask_shape, input_shape) -> np.ndarray:
 def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
                ) -> tuple[torch.Tensor, dict]:
     cfg = model.config
-    image = torch.from_numpy(np.stack([s.image for s in samples]))[:, None]
-    target = torch.from_numpy(np.stack([s.target for s in samples]))
+    dev = next(model.parameters()).device
+    image = torch.from_numpy(np.stack([s.image for s in samples]))[:, None].to(dev)
+    target = torch.from_numpy(np.stack([s.target for s in samples])).to(dev)
     features = model.encode(image)
     # Point-only and box samples need different output heads: decode the two groups separately.
     groups = [[i for i, s in enumerate(samples) if s.multimask == m] for m in (True, False)]
-    first_loss, logits_prev = 0.0, torch.zeros(len(samples), *cfg.mask_shape)
+    first_loss, logits_prev = 0.0, torch.zeros(len(samples), *cfg.mask_shape, device=dev)
     for multimask, idx in zip((True, False), groups):
         if not idx:
             continue
         c, lab = collate_prompts([samples[i].coords for i in idx], [samples[i].labels for i in idx])
-        loss, best = prediction_loss(model.decode(features[idx], c, lab, None, multimask), target[idx])
+        loss, best = prediction_loss(model.decode(features[idx], c.to(dev), lab.to(dev), None, multimask), target[idx])
         first_loss = first_loss + loss * len(idx) / len(samples)
         logits_prev[idx] = best
     coords = [s.coords.copy() for s in samples]
     labels = [s.labels.copy() for s in samples]
     n_clicks = int(rng.integers(0, max_clicks + 1))
     if n_clicks == 0:
-        return first_loss, {"first": float(first_loss), "clicks": 0}
+        return first_loss, {"first": float(first_loss.detach()), "clicks": 0}
     for k in range(n_clicks):
-        pred = (logits_prev > 0).numpy()
+        pred = (logits_prev > 0).cpu().numpy()
         for i in range(len(samples)):
             click = corrective_click(pred[i], samples[i].target)
             if click is not None:
@@ -129,6 +130,7 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
                 coords[i] = np.concatenate([coords[i], grid_to_input(point, cfg.mask_shape, cfg.input_shape)[None]])
                 labels[i] = np.append(labels[i], POSITIVE if positive else NEGATIVE)
         c, lab = collate_prompts(coords, labels)
+        c, lab = c.to(dev), lab.to(dev)
         last = k == n_clicks - 1
         with torch.set_grad_enabled(last):
             out = model.decode(features if last else features.detach(), c, lab, logits_prev[:, None], False)
@@ -136,7 +138,8 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
             edit_loss, _ = prediction_loss(out, target)
         else:
             logits_prev = out[0][:, 0].detach()
-    return first_loss + edit_loss, {"first": float(first_loss), "edit": float(edit_loss), "clicks": n_clicks}
+    return first_loss + edit_loss, {"first": float(first_loss.detach()), "edit": float(edit_loss.detach()),
+                                    "clicks": n_clicks}
 
 
 def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConfig,
@@ -145,8 +148,8 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
           should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
     """Train ``model`` in place; checkpoints (fp16) go to ``out_path`` every ``save_every`` steps and at the end.
 
-    ``resume`` is a previous run's ``meta['train_state']``: step, optimizer state and RNG continue from there.
-    Returns the final metadata (also stored in the checkpoint).
+    ``resume`` is a previous run's ``meta['train_state']``: the step count, schedule and history continue.
+    Returns the final metadata (also stored in the checkpoint). A resumed run restarts Adam's moments.
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)

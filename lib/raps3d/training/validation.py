@@ -27,12 +27,13 @@ def fixed_samples(cases: list[Case], config, n: int, seed: int = 1234) -> list[S
 @torch.inference_mode()
 def quick_dice(model: Raps3D, samples: list[Sample]) -> float:
     dices = []
+    dev = next(model.parameters()).device
     for s in samples:
-        image = torch.from_numpy(s.image)[None, None]
+        image = torch.from_numpy(s.image)[None, None].to(dev)
         feats = model.encode(image)
-        logits, iou = model.decode(feats, torch.from_numpy(s.coords[None]).float(),
-                                   torch.from_numpy(s.labels[None]), None, s.multimask)
-        pred = (logits[0, int(iou[0].argmax())] > 0).numpy()
+        logits, iou = model.decode(feats, torch.from_numpy(s.coords[None]).float().to(dev),
+                                   torch.from_numpy(s.labels[None]).to(dev), None, s.multimask)
+        pred = (logits[0, int(iou[0].argmax())] > 0).cpu().numpy()
         inter = (pred & s.target).sum()
         dices.append(2 * inter / max(pred.sum() + s.target.sum(), 1))
     return float(np.mean(dices))

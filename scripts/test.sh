@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up the environment and runs the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Tests that need real CT read it from RAPS3D_DATA (default: the shared data folder beside the project).
+exec .venv/bin/python -m pytest -q tests "$@"
