@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 studies=${1:-sample-data/images}
 shift || true
-exec .venv/bin/monailabel start_server --app apps/raps3d --studies "$studies" \
+exec .venv/bin/python -m monailabel.main start_server --app apps/raps3d --studies "$studies" \
     --host "${RAPS3D_HOST:-127.0.0.1}" --port "${RAPS3D_PORT:-8000}" "$@"

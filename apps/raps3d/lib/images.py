@@ -1,0 +1,140 @@
+"""Opening CT images: voxels in the library's (z, y, x) order plus the geometry needed to write labels back.
+
+Images are read with SimpleITK, the same ITK reader MONAI's LoadImage uses, so voxel ``[i, j, k]`` of a viewer is
+``volume[k, j, i]`` here, and the geometry (LPS spacing, origin, direction) is what viewers read from the image.
+SimpleITK's array is already (k, j, i) = (z, y, x) and C-contiguous: no transpose or copy is needed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+class ImageReadError(ValueError):
+    """The file cannot be read as a single-channel 3D image (corrupt, not an image, 2D, RGB, ...)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """ITK image geometry, axes in (i, j, k) order; ``direction`` is the row-major 3x3 matrix whose columns are the
+    axis directions in LPS."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return self.size[::-1]
+
+    @staticmethod
+    def of(image: sitk.Image) -> "Geometry":
+        return Geometry(tuple(int(n) for n in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
+                        tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def image_key(path: str) -> tuple:
+    """Identity of an image file (or DICOM folder) as it is now: a changed file gets a new key, so cached voxels
+    and sessions of its previous content are never reused."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if os.path.isdir(real):
+        entries = [e.stat() for e in os.scandir(real) if e.is_file()]
+        return real, max((e.st_mtime_ns for e in entries), default=st.st_mtime_ns), len(entries)
+    return real, st.st_mtime_ns, st.st_size
+
+
+def _itk_reason(error: RuntimeError, path: str) -> str:
+    """The last line of ITK's message (what it could not parse), without the server's folders."""
+    text = str(error).strip()
+    line = text.splitlines()[-1] if text else "unknown error"
+    return line.replace(os.path.realpath(path), os.path.basename(path)).replace(path, os.path.basename(path))
+
+
+def _read_sitk(path: str, header_only: bool = False):
+    if os.path.isdir(path):
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(path)
+        if not series:
+            raise ImageReadError(f"the folder {os.path.basename(path)!r} holds no DICOM series")
+        # Several series in one folder: take the one with the most slices.
+        files = max((reader.GetGDCMSeriesFileNames(path, s) for s in series), key=len)
+        reader.SetFileNames(files)
+        return reader.Execute()
+    if header_only:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return reader
+    return sitk.ReadImage(path)
+
+
+def _check(dimension: int, components: int, pixel_type: str, size) -> None:
+    if components != 1:
+        raise ImageReadError(f"the image has {components} values per voxel ({pixel_type}, e.g. RGB); "
+                             "Raps-3D segments single-channel CT volumes")
+    if dimension != 3:
+        raise ImageReadError(f"the image is {dimension}D (size {list(size)}); Raps-3D segments 3D CT volumes")
+
+
+def read_image(path: str) -> tuple[np.ndarray, Geometry]:
+    """Voxels (z, y, x) in the file's own data type, and the image geometry."""
+    try:
+        image = _read_sitk(path)
+    except ImageReadError:
+        raise
+    except RuntimeError as e:
+        raise ImageReadError(f"cannot read {os.path.basename(path)!r} as an image: {_itk_reason(e, path)}") from None
+    _check(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetPixelIDTypeAsString(),
+           image.GetSize())
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise ImageReadError(f"unsupported pixel type {image.GetPixelIDTypeAsString()}")
+    return sitk.GetArrayFromImage(image), Geometry.of(image)
+
+
+def read_geometry(path: str) -> Geometry:
+    """The geometry alone (reads only the header of a file)."""
+    try:
+        info = _read_sitk(path, header_only=True)
+    except RuntimeError as e:
+        raise ImageReadError(f"cannot read {os.path.basename(path)!r} as an image: {_itk_reason(e, path)}") from None
+    if isinstance(info, sitk.Image):
+        return Geometry.of(info)
+    return Geometry(tuple(int(n) for n in info.GetSize()), tuple(float(s) for s in info.GetSpacing()),
+                    tuple(float(o) for o in info.GetOrigin()), tuple(float(d) for d in info.GetDirection()))
+
+
+class GeometryCache:
+    """Geometry of recently opened images, by image key (a few numbers each; bounded anyway)."""
+
+    def __init__(self, max_entries: int = 256):
+        self.max_entries = max_entries
+        self._items: dict[tuple, Geometry] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: tuple, geometry: Geometry) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = geometry
+            while len(self._items) > self.max_entries:
+                self._items.pop(next(iter(self._items)))
+
+    def get(self, key: tuple, path: str) -> Geometry:
+        with self._lock:
+            geometry = self._items.get(key)
+        if geometry is None:
+            geometry = read_geometry(path)
+            self.put(key, geometry)
+        return geometry

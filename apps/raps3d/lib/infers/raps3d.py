@@ -1,0 +1,194 @@
+"""The interactive infer task: viewers' clicks and boxes in, a label with the image's geometry out.
+
+It replaces MONAI Label's transform pipeline (reload the file, transform, invert, re-encode the whole label on every
+click) with: images opened once and kept by the session store, prompts applied to a cached per-object session, and
+the reply written directly in the format asked for. MONAI Label sends the returned file and deletes it afterwards.
+
+Errors are raised as ``fastapi.HTTPException``: MONAI Label turns any other exception into a bare 500, while an
+HTTPException raised here reaches the client with its status and message (``{"detail": ...}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+import raps3d
+
+from .. import interaction
+from ..images import GeometryCache, ImageReadError, image_key, read_image
+from ..label_writers import LabelFormat, LabelFormatError, write_label
+from ..model_service import ModelService
+from ..prompts import PromptFormatError, PromptSet, parse_prompts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIENT = "default"
+DEFAULT_LABEL = "object"
+LABEL_VALUE = 1  # the library's masks are 0/1; label_names maps the label's name to 1
+
+DESCRIPTION = ("Raps-3D interactive 3D CT segmentation (class-agnostic): foreground/background points [i, j, k], "
+               "a 2D box {\"slice\": k, \"corners\": [[i0, j0], [i1, j1]]} or a Slicer roi; edits reuse the "
+               "session of (client_id, image, label).")
+
+
+def _flag(request: dict, name: str) -> bool:
+    value = request.get(name, False)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+def client_of(request: dict) -> str:
+    """Who is annotating: the ``client_id`` parameter (MONAI Label's clients send it), else a ``session`` parameter
+    (a string, or MONAI Label's session record), else one shared default. MONAI Label 0.8.5 does not pass the
+    authenticated user to infer tasks."""
+    for name in ("client_id", "session"):
+        value = request.get(name)
+        if isinstance(value, dict):
+            value = value.get("name") or value.get("session_id")
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()[:200]
+    return DEFAULT_CLIENT
+
+
+def label_of(request: dict) -> str:
+    label = request.get("label")
+    if label is None or label == "":
+        return DEFAULT_LABEL
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise PromptFormatError(f"'label' must be a name, got {label!r}")
+    return str(label).strip()[:200] or DEFAULT_LABEL
+
+
+def roi_ijk(box: raps3d.Box) -> list[int]:
+    """A (z, y, x) half-open box as [i_min, i_max, j_min, j_max, k_min, k_max], inclusive (Slicer's roi form)."""
+    (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
+    return [x0, x1 - 1, y0, y1 - 1, z0, z1 - 1]
+
+
+class Raps3DInfer(InferTask):
+    def __init__(self, service: ModelService, labels, result_dir: str = ""):
+        super().__init__(type=InferType.DEEPGROW, labels=list(labels), dimension=3, description=DESCRIPTION,
+                         config={})
+        self.service = service
+        self.result_dir = result_dir
+        self.geometries = GeometryCache()
+
+    def is_valid(self) -> bool:
+        return True  # without a checkpoint an untrained model runs (and /info says so)
+
+    def info(self) -> dict[str, Any]:
+        status = self.service.expected_status()
+        info = super().info()
+        if status.warning:
+            info["description"] = f"{status.warning} {DESCRIPTION}"
+        info["model_trained"] = status.trained
+        return info
+
+    # -- request handling ------------------------------------------------------------------------------------------
+    def __call__(self, request):
+        begin = time.perf_counter()
+        try:
+            return self._run(request, begin)
+        except HTTPException:
+            raise
+        except (PromptFormatError, LabelFormatError, raps3d.PromptError) as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        except raps3d.SessionError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        except (ImageReadError, raps3d.ImageError) as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+
+    def _open(self, store: raps3d.SessionStore, path: str):
+        key = image_key(path)
+
+        def load():
+            volume, geometry = read_image(path)
+            self.geometries.put(key, geometry)
+            return volume, geometry.spacing[::-1]
+
+        was_open = store.is_open(key)
+        state = store.image(key, load)
+        return key, state, self.geometries.get(key, path), was_open
+
+    def _run(self, request: dict, begin: float):
+        path = request.get("image")
+        name = request.get("image_id") or path
+        if not isinstance(path, str) or not path or not os.path.exists(path):
+            raise HTTPException(status_code=404, detail=f"image {name!r} is not in the datastore")
+        fmt = LabelFormat.from_params(request)
+        label, client = label_of(request), client_of(request)
+        do_reset, do_undo = _flag(request, "reset"), _flag(request, "undo")
+        if do_reset and do_undo:
+            raise PromptFormatError("send either 'reset' or 'undo', not both")
+
+        store = self.service.store()
+        t_open = time.perf_counter()
+        image_key_, state, geometry, was_open = self._open(store, path)
+        prompts = parse_prompts(request, geometry.size)  # checked before anything changes
+        key = (client, image_key_, label)
+
+        t_interact = time.perf_counter()
+        if do_undo:
+            try:
+                outcome = interaction.undo(store, key, state)
+            except raps3d.PromptError as e:
+                raise HTTPException(status_code=409, detail=str(e)) from None
+        elif do_reset:
+            outcome = interaction.reset(store, key)
+            if not prompts.empty:
+                outcome = interaction.apply_prompts(store, key, state, prompts)
+        elif prompts.empty:
+            raise PromptFormatError("no prompt: send 'foreground' points [i, j, k], a 'box' or an 'roi' "
+                                    "(or 'reset' / 'undo')")
+        else:
+            outcome = interaction.apply_prompts(store, key, state, prompts)
+
+        t_write = time.perf_counter()
+        result = outcome.result
+        if result is None:
+            label_file = write_label(fmt, None, None, None, geometry, self.result_dir)
+        else:
+            label_file = write_label(fmt, result.mask_roi, result.roi.start, result.roi.stop, geometry,
+                                     self.result_dir)
+        end = time.perf_counter()
+
+        params = self._reply(outcome, prompts, label, client, was_open,
+                             {"open_image": t_interact - t_open, "interact": t_write - t_interact,
+                              "write": end - t_write, "total": end - begin})
+        logger.info(f"Raps-3D: client {client!r} label {label!r}: {outcome.mode}, cache_hit {outcome.features_reused}, "
+                    f"total {end - begin:.3f} s")
+        return label_file, params
+
+    def _reply(self, outcome: interaction.Outcome, prompts: PromptSet, label: str, client: str, was_open: bool,
+               timings: dict) -> dict:
+        result = outcome.result
+        status = self.service.expected_status()
+        model_timings = result.timings if result is not None and outcome.mode in ("new_object", "edit") else {}
+        rounded = {k: round(v, 4) for k, v in timings.items()}
+        return {
+            "label_names": {label: LABEL_VALUE},
+            "label": label,
+            "client_id": client,
+            "cache": outcome.mode,
+            "cache_hit": outcome.features_reused,
+            "image_cached": was_open,
+            "roi": roi_ijk(result.roi) if result is not None else None,
+            "box": prompts.box.as_reply() if prompts.box is not None else None,
+            "prompts": {"foreground": sum(1 for _, pos in prompts.points if pos),
+                        "background": sum(1 for _, pos in prompts.points if not pos)},
+            "predicted_iou": round(result.iou, 4) if result is not None else None,
+            "timings": {**rounded, **{f"model_{k}": (round(v, 4) if isinstance(v, float) else v)
+                                      for k, v in model_timings.items()}},
+            # MONAI Label's usual fields, for clients that show them
+            "latencies": {"pre": rounded["open_image"], "infer": rounded["interact"], "invert": 0.0, "post": 0.0,
+                          "write": rounded["write"], "total": rounded["total"], "transform": None},
+            "centroids": {},
+            "model": {"trained": status.trained, "config": status.config, "warning": status.warning},
+        }

@@ -1,0 +1,90 @@
+"""From a viewer's stateless request to the library's stateful interaction.
+
+Viewers resend every prompt of the current object on each click. The request is compared with the cached object
+of the same (client, image, label):
+
+- same box and every earlier point still there, new points added: an edit (decoder only inside the zoom-in ROI);
+- exactly the same prompts: the cached result is returned as it is (``repeat``);
+- the prompts of the step before: the library's undo (``undo``; viewers that remove the last click);
+- anything else: a new object, computed from the request's prompts alone (``new_object``).
+
+So a reply never depends on prompts the request did not send; a cache shared by mistake (two annotators with one
+client id) only costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Hashable
+
+import raps3d
+
+from .prompts import PromptSet
+
+
+@dataclass
+class Outcome:
+    result: raps3d.Result | None  # None: the object has no mask (after a reset, or undo back to nothing)
+    mode: str  # new_object | edit | repeat | undo | reset
+    features_reused: bool  # image features came from the cache (no encoder pass at all)
+
+
+def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, prompts: PromptSet) -> Outcome:
+    obj = store.new_object(key, image)
+    with obj.lock:
+        try:
+            result = obj.interact(points=prompts.points, box=prompts.box.to_library() if prompts.box else None)
+        except Exception:
+            store.drop_object(key)  # a rejected first prompt leaves no half-made session behind
+            raise
+    # Both passes ran; the zoom-out features may have come from another object on the same image.
+    return Outcome(result, "new_object", False)
+
+
+def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Hashable], image: raps3d.ImageState,
+                  prompts: PromptSet) -> Outcome:
+    obj = store.find_object(key)
+    if obj is not None and obj.image is image:
+        with obj.lock:
+            current = obj.prompts
+            if obj.result is not None and prompts.matches(current):
+                return Outcome(obj.result, "repeat", True)
+            same_box = (prompts.box is None and current.box is None) or (
+                prompts.box is not None and prompts.box.same_as(current.box))
+            if same_box and obj.result is not None:
+                wanted, have = prompts.point_counts(), Counter(current.points)
+                if all(wanted[p] >= n for p, n in have.items()):
+                    added = []
+                    extra = wanted - have
+                    for p in prompts.points:  # keep the request's order for the new points
+                        if extra[p] > 0:
+                            added.append(p)
+                            extra[p] -= 1
+                    result = obj.interact(points=added)
+                    return Outcome(result, "edit", result.cache_hit)
+                if all(have[p] >= n for p, n in wanted.items()):
+                    # Fewer prompts than the object has: a viewer-side undo of the last click?
+                    try:
+                        obj.undo()
+                    except raps3d.PromptError:
+                        pass
+                    else:
+                        if obj.result is not None and prompts.matches(obj.prompts):
+                            return Outcome(obj.result, "undo", True)
+    return _new_object(store, key, image, prompts)
+
+
+def undo(store: raps3d.SessionStore, key, image: raps3d.ImageState) -> Outcome:
+    """An explicit undo: raises SessionError when there is no session, PromptError when nothing is left to undo."""
+    obj = store.find_object(key)
+    if obj is None or obj.image is not image:
+        raise raps3d.SessionError(f"nothing to undo: client {key[0]!r} has no session for label {key[2]!r} on this "
+                                  "image (never started, reset, or expired); start with a first prompt")
+    result = obj.undo()
+    return Outcome(result, "undo", True)
+
+
+def reset(store: raps3d.SessionStore, key) -> Outcome:
+    store.drop_object(key)
+    return Outcome(None, "reset", True)

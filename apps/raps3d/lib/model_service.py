@@ -1,0 +1,144 @@
+"""The model, its inference engine and the interaction sessions, shared by the infer task and the scoring method.
+
+Nothing is loaded until first needed (the app object is rebuilt in every train/scoring subprocess, where most of it
+is never used). The checkpoint is checked on each use and reloaded when it changes (a training run
+replaces it atomically); sessions are dropped then, since their cached features came from the old weights.
+Without a checkpoint the service runs an untrained 'lite' model, so the app still starts, and says so loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import raps3d
+from raps3d.modeling import build_model
+
+from .options import AppOptions
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED_CONFIG = "lite"
+UNTRAINED_SEED = 0  # random weights, but the same ones on every start: replies stay reproducible
+UNTRAINED_WEIGHTS = f"untrained-{UNTRAINED_CONFIG}-seed{UNTRAINED_SEED}"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    path: str
+    trained: bool
+    weights: str  # identifies the weights in use (the checkpoint's mtime and size, or the untrained seed)
+    config: str
+    warning: str | None = None
+
+
+def _checkpoint_signature(path) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_mtime_ns}:{st.st_size}"
+
+
+def untrained_warning(path) -> str:
+    return (f"WARNING: no usable Raps-3D checkpoint at {os.path.basename(str(path))!r}: running an UNTRAINED "
+            f"'{UNTRAINED_CONFIG}' model with random weights. Masks are meaningless until a trained checkpoint is "
+            "installed (it is picked up without a restart).")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class ModelService:
+    def __init__(self, options: AppOptions):
+        self.options = options
+        self._lock = threading.Lock()
+        self._checked_signature: str | None = None  # the checkpoint file the weights in use were chosen for
+        self._status: ModelStatus | None = None
+        self._engine: raps3d.Engine | None = None
+        self._store: raps3d.SessionStore | None = None
+
+    def expected_status(self) -> ModelStatus:
+        """What the service runs, or would run if it loaded now. Only looks at the file: cheap enough for /info."""
+        sig = _checkpoint_signature(self.options.model_path)
+        if self._status is not None and sig == self._checked_signature:
+            return self._status
+        if sig is None:
+            return ModelStatus(str(self.options.model_path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG,
+                               untrained_warning(self.options.model_path))
+        return ModelStatus(str(self.options.model_path), True, sig, "(not loaded yet)")
+
+    def _untrained(self, warning: str) -> tuple[raps3d.modeling.Raps3D, ModelStatus]:
+        banner = "!" * 100
+        logger.warning(f"\n{banner}\n{warning}\n{banner}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(UNTRAINED_SEED)
+            model = build_model(UNTRAINED_CONFIG)
+        return model, ModelStatus(str(self.options.model_path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, warning)
+
+    def _choose_model(self, sig: str | None):
+        """The model to run for checkpoint state ``sig``, or None to keep the one in use."""
+        path = self.options.model_path
+        if sig is None:
+            if self._engine is not None:
+                logger.warning(f"Raps-3D: checkpoint {path} disappeared; keeping the model in use")
+                return None
+            return self._untrained(untrained_warning(path))
+        try:
+            model, meta = raps3d.load_model(path)
+        except raps3d.CheckpointError as e:
+            if self._engine is not None:
+                logger.error(f"Raps-3D: cannot load the changed checkpoint ({e}); keeping the model in use")
+                return None
+            return self._untrained(f"{untrained_warning(path)} Loading it failed: {e}")
+        logger.info(f"Raps-3D: loaded checkpoint {path} ({model.config.name}); meta: {meta}")
+        return model, ModelStatus(str(path), True, sig, model.config.name)
+
+    def _ensure(self) -> None:
+        sig = _checkpoint_signature(self.options.model_path)
+        if self._engine is not None and sig == self._checked_signature:
+            return
+        with self._lock:
+            if self._engine is not None and sig == self._checked_signature:
+                return
+            if self._engine is None and self.options.torch_threads > 0:
+                torch.set_num_threads(self.options.torch_threads)
+            chosen = self._choose_model(sig)
+            self._checked_signature = sig  # a file that failed to load is not retried until it changes
+            if chosen is None:
+                return
+            model, status = chosen
+            engine = raps3d.Engine(model, resolve_device(self.options.device), bf16=self.options.bf16)
+            if self._store is not None:
+                logger.info("Raps-3D: model changed; open interaction sessions are dropped")
+            self._engine = engine
+            self._store = raps3d.SessionStore(engine, self.options.max_images, self.options.max_objects,
+                                              self.options.idle_seconds)
+            self._status = status
+
+    def status(self) -> ModelStatus:
+        self._ensure()
+        return self._status
+
+    def engine(self) -> raps3d.Engine:
+        self._ensure()
+        return self._engine
+
+    def store(self) -> raps3d.SessionStore:
+        self._ensure()
+        return self._store
+
+    def warm_up(self) -> None:
+        """Load the model and run one encoder pass, so that the first click pays for neither."""
+        engine = self.engine()
+        shape = tuple(engine.config.input_shape)
+        frame = raps3d.Frame(raps3d.Box((0, 0, 0), shape), shape)
+        engine.encode(np.zeros(shape, dtype=np.int16), frame)

@@ -1,0 +1,80 @@
+"""The app's settings: ``--conf key value`` pairs (always strings), else ``RAPS3D_<KEY>`` environment variables,
+else defaults. Parsed once, when the app object is built, so a typo fails at start with a clear message."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# apps/raps3d/lib/options.py -> the repository root is three folders up from lib/.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_MODEL_PATH = REPO_ROOT / "model" / "raps3d_lite.pt"
+# Names offered to viewers; the model is class-agnostic, so a name only names the output.
+DEFAULT_LABELS = ("liver", "spleen", "right_kidney", "left_kidney", "aorta")
+
+ENV_PREFIX = "RAPS3D_"
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    model_path: Path = DEFAULT_MODEL_PATH
+    device: str = "auto"  # auto: cuda when available, else cpu
+    bf16: bool = False
+    torch_threads: int = 0  # 0: leave torch's default
+    max_images: int = 4
+    max_objects: int = 64
+    idle_seconds: float = 3600.0
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    result_dir: str = ""  # where reply labels are written before sending; "" = the system temp folder
+    reserve_seconds: float = 600.0  # active learning: do not hand out an image served this recently
+
+    @staticmethod
+    def from_conf(conf: dict | None, environ: dict | None = None) -> "AppOptions":
+        conf = dict(conf or {})
+        environ = os.environ if environ is None else environ
+
+        def raw(key: str) -> str | None:
+            if key in conf and conf[key] is not None and str(conf[key]) != "":
+                return str(conf[key])
+            value = environ.get(ENV_PREFIX + key.upper())
+            return value if value not in (None, "") else None
+
+        def number(key: str, kind, default, minimum):
+            value = raw(key)
+            if value is None:
+                return default
+            try:
+                parsed = kind(value)
+            except ValueError:
+                raise ValueError(f"option {key!r} must be a {kind.__name__}, got {value!r}") from None
+            if parsed < minimum:
+                raise ValueError(f"option {key!r} must be >= {minimum}, got {value!r}")
+            return parsed
+
+        def flag(key: str, default: bool) -> bool:
+            value = raw(key)
+            if value is None:
+                return default
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"option {key!r} must be true or false, got {value!r}")
+
+        device = (raw("device") or "auto").lower()
+        if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+        labels = raw("labels")
+        return AppOptions(
+            model_path=Path(raw("model_path") or DEFAULT_MODEL_PATH).expanduser(),
+            device=device,
+            bf16=flag("bf16", False),
+            torch_threads=number("torch_threads", int, 0, 0),
+            max_images=number("max_images", int, 4, 1),
+            max_objects=number("max_objects", int, 64, 1),
+            idle_seconds=number("idle_seconds", float, 3600.0, 1.0),
+            labels=tuple(s.strip() for s in labels.split(",") if s.strip()) if labels else DEFAULT_LABELS,
+            result_dir=raw("result_dir") or "",
+            reserve_seconds=number("reserve_seconds", float, 600.0, 0.0),
+        )

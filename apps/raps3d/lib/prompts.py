@@ -1,0 +1,155 @@
+"""Prompts as viewers send them, converted to the library's (z, y, x) voxel order.
+
+Viewers send voxel indices ``[i, j, k]`` (x, y, z; ``k`` is the slice) of the image as MONAI's ITK reader loads
+it. Accepted request parameters:
+
+- ``foreground``, ``background``: lists of points ``[i, j, k]`` (every click of the current object, each time).
+- ``box``: ``{"slice": k, "corners": [[i0, j0], [i1, j1]]}``, a 2D box drawn on slice ``k``; corners inclusive,
+  in any order.
+- ``roi``: ``[i_min, i_max, j_min, j_max, k_min, k_max]`` (3D Slicer's ROI; inclusive; a pair may come reversed).
+  An ROI one slice thick (``k_min == k_max``) is a 2D box on that slice. A thicker ROI is reduced to a 2D box on
+  its middle slice, ``(k_min + k_max) // 2``, with the same in-plane corners: the model takes 2D boxes only, and a
+  box on the middle slice lets the model find the object's extent in depth itself. The reply says which slice
+  was used.
+
+``box`` and ``roi`` are exclusive. Bounds (a point outside the image, an empty box) are checked here in ``[i, j, k]``
+terms and again by the library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import raps3d
+
+
+class PromptFormatError(ValueError):
+    """The request's prompts are malformed."""
+
+
+Point = tuple[tuple[float, float, float], bool]  # ((z, y, x), positive)
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A 2D box on slice k with inclusive corners (i0, j0)..(i1, j1), already sorted and clipped to the image."""
+
+    k: int
+    i0: int
+    j0: int
+    i1: int
+    j1: int
+    source: str  # "box", "roi" (one slice thick) or "roi_middle_slice"
+
+    def to_library(self) -> tuple:
+        return self.k, (self.j0, self.i0), (self.j1, self.i1)
+
+    def same_as(self, box: raps3d.SliceBox | None) -> bool:
+        return box is not None and (box.z, box.y0, box.x0, box.y1, box.x1) == (self.k, self.j0, self.i0, self.j1,
+                                                                                self.i1)
+
+    def as_reply(self) -> dict:
+        return {"slice": self.k, "corners": [[self.i0, self.j0], [self.i1, self.j1]], "source": self.source}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    points: tuple[Point, ...] = ()
+    box: BoxPrompt | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.points and self.box is None
+
+    def point_counts(self) -> Counter:
+        return Counter(self.points)
+
+    def matches(self, prompts: raps3d.Prompts) -> bool:
+        """Whether the library object's prompts are exactly these (points as a multiset: viewers send foreground
+        and background lists separately, so their interleaving is not known)."""
+        same_box = (self.box is None and prompts.box is None) or (self.box is not None and self.box.same_as(
+            prompts.box))
+        return same_box and Counter(prompts.points) == self.point_counts()
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PromptFormatError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise PromptFormatError(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return []
+    if not isinstance(raw, (list, tuple)):
+        raise PromptFormatError(f"'{name}' must be a list of points [i, j, k], got {raw!r}")
+    points = []
+    for n, p in enumerate(raw):
+        if not isinstance(p, (list, tuple)) or len(p) != 3:
+            raise PromptFormatError(f"{name} point {n} must be three numbers [i, j, k], got {p!r}")
+        ijk = [_number(c, f"{name} point {n} coordinate") for c in p]
+        if any(c < 0 or c > s - 1 for c, s in zip(ijk, size_ijk)):
+            raise PromptFormatError(f"{name} point {n} [i, j, k] = {p!r} lies outside the image of size "
+                                    f"{list(size_ijk)} (valid indices 0..size-1)")
+        points.append(((ijk[2], ijk[1], ijk[0]), positive))
+    return points
+
+
+def _clipped_box(k: float, ia: float, ja: float, ib: float, jb: float, size_ijk, source: str) -> BoxPrompt:
+    ni, nj, nk = size_ijk
+    k = round(k)
+    if not 0 <= k <= nk - 1:
+        raise PromptFormatError(f"the box's slice k = {k} lies outside the image's {nk} slices")
+    i0, i1 = sorted((ia, ib))
+    j0, j1 = sorted((ja, jb))
+    if i1 < 0 or j1 < 0 or i0 > ni - 1 or j0 > nj - 1:
+        raise PromptFormatError(f"the box (i {i0:g}..{i1:g}, j {j0:g}..{j1:g}) lies outside the slice of "
+                                f"{ni} x {nj} voxels")
+    i0, i1 = round(max(i0, 0)), round(min(i1, ni - 1))
+    j0, j1 = round(max(j0, 0)), round(min(j1, nj - 1))
+    if i1 <= i0 or j1 <= j0:
+        raise PromptFormatError(f"the box (i {i0}..{i1}, j {j0}..{j1}) has no area; draw a box at least two voxels "
+                                "wide and high")
+    return BoxPrompt(int(k), int(i0), int(j0), int(i1), int(j1), source)
+
+
+def _box(params: dict, size_ijk) -> BoxPrompt | None:
+    box, roi = params.get("box"), params.get("roi")
+    box = None if box in (None, "", [], {}) else box
+    roi = None if roi in (None, "", [], {}) else roi
+    if box is not None and roi is not None:
+        raise PromptFormatError("send either 'box' or 'roi', not both")
+    if box is not None:
+        if not isinstance(box, dict) or "slice" not in box or "corners" not in box:
+            raise PromptFormatError(f"'box' must be {{\"slice\": k, \"corners\": [[i0, j0], [i1, j1]]}}, got {box!r}")
+        corners = box["corners"]
+        if (not isinstance(corners, (list, tuple)) or len(corners) != 2
+                or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in corners)):
+            raise PromptFormatError(f"box corners must be [[i0, j0], [i1, j1]], got {corners!r}")
+        k = _number(box["slice"], "the box's slice")
+        (ia, ja), (ib, jb) = [[_number(v, "a box corner coordinate") for v in c] for c in corners]
+        return _clipped_box(k, ia, ja, ib, jb, size_ijk, "box")
+    if roi is not None:
+        if not isinstance(roi, (list, tuple)) or len(roi) != 6:
+            raise PromptFormatError(f"'roi' must be [i_min, i_max, j_min, j_max, k_min, k_max], got {roi!r}")
+        ia, ib, ja, jb, ka, kb = [_number(v, "an roi coordinate") for v in roi]
+        k0, k1 = sorted((ka, kb))
+        if round(k1) == round(k0):
+            return _clipped_box(k0, ia, ja, ib, jb, size_ijk, "roi")
+        nk = size_ijk[2]
+        k0c, k1c = max(round(k0), 0), min(round(k1), nk - 1)
+        if k1c < k0c:
+            raise PromptFormatError(f"the roi's slices k {k0:g}..{k1:g} lie outside the image's {nk} slices")
+        return _clipped_box((k0c + k1c) // 2, ia, ja, ib, jb, size_ijk, "roi_middle_slice")
+    return None
+
+
+def parse_prompts(params: dict, size_ijk) -> PromptSet:
+    """The prompts of a request, for an image of ``size_ijk`` voxels."""
+    points = _points(params, "foreground", True, size_ijk) + _points(params, "background", False, size_ijk)
+    return PromptSet(tuple(points), _box(params, size_ijk))

@@ -1,0 +1,81 @@
+"""Scoring for active learning: how unsure the current model is on each unlabeled image.
+
+Each image gets one automatic click (the brightest soft-tissue blob, see ``auto_prompt``); the model's own
+predicted IoU of its mask tells how sure it is: uncertainty = 1 - predicted IoU. The score is stored in the image's
+info in the datastore (``datastore.update_image_info``), with the weights and file it was computed for, so an image
+is scored again only when the model or the file changed. MONAI Label runs this in a subprocess by default (at
+start, after training, after each next-sample request) or in the server with ``run_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+import raps3d
+
+from ..auto_prompt import soft_tissue_seed
+from ..images import ImageReadError, image_key, read_image
+from ..model_service import ModelService
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEY = "raps3d_uncertainty"
+DETAILS_KEY = "raps3d_uncertainty_details"
+
+
+def _file_id(path: str) -> str:
+    _, mtime_ns, size = image_key(path)
+    return f"{mtime_ns}:{size}"
+
+
+class Raps3DUncertainty(ScoringMethod):
+    def __init__(self, service: ModelService):
+        super().__init__("Raps-3D uncertainty (1 - predicted IoU after an automatic soft-tissue click) of every "
+                         f"unlabeled image, stored as image info '{SCORE_KEY}'")
+        self.service = service
+
+    def __call__(self, request, datastore: Datastore):
+        engine = self.service.engine()
+        weights = self.service.status().weights
+        rescore = str(request.get("rescore", "false")).lower() in ("1", "true", "yes")
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        summary = {"scored": {}, "unchanged": [], "failed": {}}
+        for image_id in images:
+            path = datastore.get_image_uri(image_id)
+            if not path or not os.path.exists(path):
+                continue
+            file_id = _file_id(path)
+            details = datastore.get_image_info(image_id).get(DETAILS_KEY) or {}
+            if not rescore and details.get("weights") == weights and details.get("file") == file_id:
+                summary["unchanged"].append(image_id)
+                continue
+            start = time.perf_counter()
+            try:
+                score, seed = self._score(engine, path)
+            except (ImageReadError, raps3d.ImageError) as e:
+                # Remembered, so the strategy skips it and it is not retried until the file changes.
+                logger.warning(f"Raps-3D scoring: {image_id}: {e}")
+                datastore.update_image_info(image_id, {SCORE_KEY: None, DETAILS_KEY: {
+                    "weights": weights, "file": file_id, "error": str(e), "ts": int(time.time())}})
+                summary["failed"][image_id] = str(e)
+                continue
+            datastore.update_image_info(image_id, {SCORE_KEY: score, DETAILS_KEY: {
+                "weights": weights, "file": file_id, "seed_ijk": list(seed[::-1]), "ts": int(time.time()),
+                "seconds": round(time.perf_counter() - start, 3)}})
+            summary["scored"][image_id] = score
+            logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
+        return summary
+
+    @staticmethod
+    def _score(engine: raps3d.Engine, path: str) -> tuple[float, tuple]:
+        volume, geometry = read_image(path)
+        spacing_zyx = geometry.spacing[::-1]
+        image = raps3d.ImageState(engine, volume, spacing_zyx)  # not the viewers' session store: no eviction there
+        seed = soft_tissue_seed(volume, spacing_zyx)
+        result = raps3d.InteractiveObject(image).interact(points=[(seed, True)])
+        return round(min(max(1.0 - float(result.iou), 0.0), 1.0), 6), seed

@@ -1,0 +1,135 @@
+"""Fine-tune the served model on the images whose 'final' label users saved, in MONAI Label's train subprocess.
+
+Each structure (label value) of a saved label is a binary target; the library's training loop simulates boxes,
+points and corrective clicks on zoom-out and zoom-in samples. The candidate is written to a scratch file beside the
+model and published (atomically moved over the served checkpoint) only when the run finished and it is at least as
+good as the served model on the validation split. A run that is stopped or killed never touches the served file; the
+infer task picks a published model up without a restart (it watches the file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from raps3d import load_model, save_model
+from raps3d.modeling import build_model
+from raps3d.training.data import Case, read_zyx
+from raps3d.training.train import TrainConfig, train
+from raps3d.training.validation import fixed_samples, quick_dice
+
+from ..options import AppOptions
+
+logger = logging.getLogger(__name__)
+
+LABEL_TAG = "final"
+MIN_VOXELS = 20
+
+
+class Raps3DTrain(TrainTask):
+    def __init__(self, options: AppOptions, description: str = "Fine-tune Raps-3D on saved (final) labels"):
+        super().__init__(description)
+        self.options = options
+        self.model_path = Path(options.model_path)
+        self.stats_path = self.model_path.with_name(self.model_path.stem + "_train_stats.json")
+
+    def config(self):
+        # publish: "if_better" (default: only a candidate at least as good as the served model replaces it) or
+        # "always" (operators who validate elsewhere).
+        return {"steps": 200, "batch_size": 4, "lr": 5e-5, "val_split": 0.2, "seed": 0, "publish": "if_better"}
+
+    def stats(self):
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_stats(self, stats: dict) -> None:
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.stats_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(stats, indent=1))
+        os.replace(tmp, self.stats_path)
+
+    def _cases(self, datastore: Datastore) -> list[Case]:
+        cases = []
+        for image_id in sorted(datastore.get_labeled_images(label_tag=LABEL_TAG)):
+            volume, spacing = read_zyx(Path(datastore.get_image_uri(image_id)))
+            label = read_zyx(Path(datastore.get_label_uri(image_id, LABEL_TAG)))[0]
+            if label.shape != volume.shape:
+                logger.warning(f"skipping {image_id}: label shape {label.shape} differs from image {volume.shape}")
+                continue
+            structures = {f"label_{v}": label == v for v in np.unique(label) if v != 0}
+            structures = {k: m for k, m in structures.items() if m.sum() >= MIN_VOXELS}
+            if structures:
+                cases.append(Case(image_id, "datastore", volume, spacing, structures))
+        return cases
+
+    def __call__(self, request, datastore: Datastore):
+        cfg = {**self.config(), **{k: request[k] for k in self.config() if k in request}}
+        if cfg["publish"] not in ("if_better", "always"):
+            raise ValueError(f"publish must be 'if_better' or 'always', got {cfg['publish']!r}")
+        started = time.time()
+        stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": started, "epoch": 0,
+                 "total_epochs": int(cfg["steps"]), "best_metric": None}
+        self._write_stats(stats)
+        cases = self._cases(datastore)
+        if not cases:
+            stats.update(status="FAILED", error=f"no image has a saved '{LABEL_TAG}' label to train on")
+            self._write_stats(stats)
+            raise ValueError(stats["error"])
+        rng = np.random.default_rng(int(cfg["seed"]))
+        order = rng.permutation(len(cases))
+        n_val = max(1, int(round(len(cases) * float(cfg["val_split"])))) if len(cases) > 1 else 0
+        val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
+        train_cases = [cases[i] for i in order[n_val:]] or cases
+
+        if self.model_path.exists():
+            model, meta = load_model(self.model_path)
+        else:
+            logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
+            model, meta = build_model("lite"), {}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        val_samples = fixed_samples(val_cases, model.config, 16)
+        model.eval()
+        baseline = quick_dice(model, val_samples)
+        stats.update(baseline_dice=baseline, train_images=[c.name for c in train_cases],
+                     val_images=[c.name for c in val_cases])
+
+        def progress(entry):
+            stats.update(epoch=entry["step"], loss=entry["loss"], seconds=entry["seconds"])
+            if "val_dice" in entry:
+                stats["val_dice"] = entry["val_dice"]
+                stats["best_metric"] = max(stats["best_metric"] or 0.0, entry["val_dice"])
+            self._write_stats(stats)
+
+        scratch = self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
+        steps = int(cfg["steps"])
+        train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+                                seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
+                                save_every=max(1, steps))
+        fine_tune = {"fine_tuned_on": [c.name for c in train_cases], "base": meta.get("train_state", {}).get("step")}
+        train(model, train_cases, scratch, train_cfg, validate=lambda m: quick_dice(m, val_samples),
+              dataset_weights={"datastore": 1.0}, progress=progress, meta={**meta, "fine_tune": fine_tune})
+        candidate = quick_dice(model, val_samples)
+        published = candidate >= baseline or cfg["publish"] == "always"
+        if published:
+            save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
+                                                                             "baseline_dice": baseline}})
+        scratch.unlink(missing_ok=True)
+        stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
+                     best_metric=max(stats["best_metric"] or 0.0, candidate),
+                     message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
+                              if published else f"kept the served model: validation Dice {candidate:.3f} < "
+                              f"{baseline:.3f}"))
+        self._write_stats(stats)
+        logger.info(stats["message"])
+        return stats

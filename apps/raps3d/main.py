@@ -1,0 +1,73 @@
+"""Raps-3D served by MONAI Label: interactive 3D CT segmentation for OHIF, 3D Slicer and MITK.
+
+    monailabel start_server --app apps/raps3d --studies <folder of CT volumes or DICOMweb URL> \
+        [--conf model_path <checkpoint>] [--conf device cuda] ...
+
+Options are listed in README.md in this folder. The constructor stays cheap: MONAI Label rebuilds the app in every
+train and scoring subprocess; the model is loaded on first use (and warmed up when the server starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.configs.raps3d import Raps3DConfig
+from lib.options import AppOptions
+from lib.trainers.raps3d import Raps3DTrain
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "raps3d"
+DESCRIPTION = "Raps-3D: interactive 3D CT segmentation from points and 2D boxes, with edit caching"
+
+
+class Raps3DApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.options = AppOptions.from_conf(conf)
+        self.task = Raps3DConfig()
+        self.task.init(MODEL_NAME, os.path.join(app_dir, "model"), conf, None, options=self.options)
+        logger.info(f"Raps-3D options: {self.options}")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Raps-3D", description=DESCRIPTION,
+                         version="1.0", labels=list(self.options.labels))
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {MODEL_NAME: self.task.infer()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        # Publishes to self.options.model_path; the infer task reloads the checkpoint when the file changes.
+        return {MODEL_NAME: Raps3DTrain(self.options)}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {**self.task.strategy(), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return dict(self.task.scoring_method())
+
+    def info(self):
+        meta = super().info()
+        warning = self.task.service.expected_status().warning
+        if warning:
+            meta["description"] = f"{warning} {DESCRIPTION}"
+        return meta
+
+    def infer(self, request, datastore=None):
+        # MONAI Label replaces the image id by its path (or by "" when unknown): keep the id for messages.
+        request = dict(request)
+        request["image_id"] = request.get("image")
+        return super().infer(request, datastore)
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        try:
+            self.task.service.warm_up()  # server start only: the first click should not pay for loading
+        except Exception:
+            logger.exception("Raps-3D: warm-up failed; the model loads on the first request instead")

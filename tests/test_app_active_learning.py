@@ -1,0 +1,82 @@
+"""Active learning: scoring stores a per-image uncertainty in the datastore; the strategy returns the least certain
+unlabeled image, and never an image that cannot be read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from conftest import BAD_IMAGES
+
+SCORING = "raps3d_uncertainty"
+STRATEGY = "raps3d_uncertain"
+
+
+def _image_infos(server) -> dict:
+    objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    return {image_id: obj["image"]["info"] for image_id, obj in objects.items()}
+
+
+def _next(server, client: str) -> dict:
+    r = requests.post(f"{server.url}/activelearning/{STRATEGY}", json={"client_id": client}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def scores(server) -> dict:
+    r = requests.post(f"{server.url}/scoring/{SCORING}", params={"run_sync": "true"}, timeout=600)
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    assert set(summary["failed"]) == set(BAD_IMAGES)
+    return summary["scored"]
+
+
+def test_scoring_stores_an_uncertainty_per_readable_image(server, scores):
+    infos = _image_infos(server)
+    assert {"phantom_01", "phantom_02", "phantom_03"} <= set(scores)
+    for image_id, score in scores.items():
+        assert 0.0 <= score <= 1.0
+        assert infos[image_id][SCORING] == score
+        details = infos[image_id][f"{SCORING}_details"]
+        assert len(details["seed_ijk"]) == 3 and details["weights"].startswith("untrained")
+    for image_id in BAD_IMAGES:
+        assert infos[image_id][SCORING] is None and infos[image_id][f"{SCORING}_details"]["error"]
+
+
+def test_strategy_returns_the_least_certain_images_first_and_skips_unreadable_ones(server, scores):
+    ranked = sorted(scores, key=lambda image_id: -scores[image_id])
+    first = _next(server, "annotator-1")
+    assert first["id"] == ranked[0] and first["reason"] == "highest uncertainty"
+    assert first[SCORING] == scores[ranked[0]]
+    # Handed out a moment ago: the next annotator gets the next one.
+    second = _next(server, "annotator-2")
+    assert second["id"] == ranked[1]
+    for n in range(len(scores) + 2):
+        assert _next(server, f"annotator-{n + 3}")["id"] not in BAD_IMAGES
+
+
+def test_scoring_in_a_subprocess_as_monai_label_runs_it(server, scores):
+    """MONAI Label's default: the app is rebuilt in a subprocess, which scores and writes the datastore; the
+    server picks the new infos up. Scored again (``rescore``), the untrained model gives the same scores."""
+    before = _image_infos(server)["phantom_01"][f"{SCORING}_details"]["ts"]
+    time.sleep(1.1)  # the stored timestamp has a resolution of one second
+    r = requests.post(f"{server.url}/scoring/{SCORING}", json={"rescore": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 300
+    while True:
+        status = requests.get(f"{server.url}/scoring/", timeout=30).json()
+        if status["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status["status"] == "DONE", status
+    deadline = time.monotonic() + 30  # the server reloads the datastore file when it changes
+    while _image_infos(server)["phantom_01"][f"{SCORING}_details"]["ts"] == before:
+        assert time.monotonic() < deadline, "the server did not pick up the subprocess's scores"
+        time.sleep(0.5)
+    infos = _image_infos(server)
+    for image_id, score in scores.items():
+        assert infos[image_id][SCORING] == pytest.approx(score, abs=1e-5)

@@ -1,0 +1,80 @@
+"""Bad requests get a 4xx with a clear message, change no session, and the server keeps working."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import BAD_IMAGES
+
+IMAGE = "phantom_03"
+CLICK = [80, 64, 24]
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"foreground": [[80, 64]]}, "three numbers [i, j, k]"),
+    ({"foreground": [[80, "x", 3]]}, "must be a number"),
+    ({"foreground": [[1000, 64, 24]]}, "lies outside the image of size [160, 128, 48]"),
+    ({"foreground": [[80, 64, -1]]}, "lies outside"),
+    ({"foreground": "80, 64, 24"}, "must be a list of points"),
+    ({}, "no prompt"),
+    ({"label": "liver"}, "no prompt"),
+    ({"background": [CLICK]}, "first prompt of an object must be a positive point or a box"),
+    ({"box": {"slice": 24, "corners": [[60, 40], [60, 90]]}}, "has no area"),
+    ({"box": {"slice": 99, "corners": [[60, 40], [90, 90]]}}, "outside the image's 48 slices"),
+    ({"box": [60, 40, 90, 90]}, "'box' must be"),
+    ({"roi": [1, 2, 3]}, "'roi' must be"),
+    ({"roi": [60, 90, 40, 90, 24, 24], "box": {"slice": 24, "corners": [[60, 40], [90, 90]]}}, "not both"),
+    ({"foreground": [CLICK], "result_extension": ".png"}, "result_extension '.png' is not supported"),
+    ({"foreground": [CLICK], "result_dtype": "complex64"}, "result_dtype 'complex64' is not supported"),
+    ({"foreground": [CLICK], "reset": True, "undo": True}, "either 'reset' or 'undo'"),
+])
+def test_malformed_prompts_are_400(server, params, fragment):
+    r = server.infer(IMAGE, {"client_id": "bad-prompts", **params})
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["detail"]
+
+
+def test_unknown_image_is_404(server):
+    r = server.infer("no_such_image", {"foreground": [CLICK]})
+    assert r.status_code == 404
+    assert r.json()["detail"] == "image 'no_such_image' is not in the datastore"
+
+
+@pytest.mark.parametrize("image_id,fragment", [
+    ("corrupt", "cannot read 'corrupt.nii.gz' as an image"),
+    ("flat2d", "the image is 2D"),
+    ("rgb", "3 values per voxel"),
+    ("nan", "NaN or infinite"),
+    ("oneslice", "single slice"),
+])
+def test_images_that_are_not_ct_volumes_are_422(server, image_id, fragment):
+    assert image_id in BAD_IMAGES
+    r = server.infer(image_id, {"foreground": [[1, 1, 0]]})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert fragment in detail
+    assert str(server.studies) not in detail  # no server folders in messages
+
+
+def test_an_uploaded_file_that_is_not_an_image_is_422(server):
+    files = {"file": ("upload.nii.gz", b"definitely not a NIfTI file", "application/octet-stream")}
+    r = server.infer("", {"foreground": [[1, 1, 1]]}, files=files)
+    assert r.status_code == 422, r.text
+    assert "cannot read" in r.json()["detail"]
+
+
+def test_undo_without_a_session_is_409(server):
+    r = server.infer(IMAGE, {"undo": True, "client_id": "never-seen", "label": "liver"})
+    assert r.status_code == 409
+    assert "nothing to undo" in r.json()["detail"] and "never-seen" in r.json()["detail"]
+
+
+def test_a_rejected_request_leaves_the_session_as_it_was_and_the_server_working(server):
+    base = {"client_id": "after-errors", "label": "liver"}
+    first = server.infer(IMAGE, {**base, "foreground": [CLICK]})
+    assert first.status_code == 200
+    for bad in ({**base, "foreground": [CLICK, [1, 2]]}, {**base, "foreground": [CLICK, [9999, 1, 1]]}):
+        assert server.infer(IMAGE, bad).status_code == 400
+    assert server.infer("corrupt", {**base, "foreground": [[1, 1, 0]]}).status_code == 422
+    edit = server.infer(IMAGE, {**base, "foreground": [CLICK, [82, 66, 24]]})
+    assert edit.status_code == 200 and edit.json()["cache"] == "edit"

@@ -1,0 +1,154 @@
+"""The Raps-3D app through the real MONAI Label server: what viewers send, what they get back, session state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+IMAGE = "phantom_01"  # 160 x 128 x 48 voxels (i, j, k)
+CLICK = [80, 64, 24]
+
+
+def _label(server, image, params):
+    """The reply label as an array indexed [i, j, k], and the reply params (MONAI Label's multipart reply)."""
+    r = server.infer_ok(image, {**params, "result_extension": ".nrrd", "result_dtype": "uint8",
+                                "result_compress": False}, output=None)
+    reply, content, filename = server.multipart(r)
+    assert filename.endswith(".nrrd")
+    data, _ = server.nrrd_label(content)
+    return data, reply
+
+
+def test_info_lists_the_interactive_model(server):
+    import requests
+
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    model = info["models"]["raps3d"]
+    assert model["type"] == "deepgrow"
+    assert model["dimension"] == 3
+    assert model["labels"] == ["liver", "spleen", "right_kidney", "left_kidney", "aorta"]
+    assert info["labels"] == model["labels"]
+    # The test server has no checkpoint: the app still serves, and says loudly that the model is untrained.
+    assert model["model_trained"] is False
+    assert "UNTRAINED" in model["description"] and "UNTRAINED" in info["description"]
+    assert "raps3d_uncertain" in info["strategies"] and "raps3d_uncertainty" in info["scoring"]
+
+
+def test_clicks_then_an_edit_inside_the_roi_reuses_the_cached_session(server):
+    base = {"label": "liver", "client_id": "edit-test"}
+    first = server.infer_ok(IMAGE, {**base, "foreground": [CLICK]}).json()
+    assert first["cache"] == "new_object" and first["cache_hit"] is False
+    assert first["label_names"] == {"liver": 1}
+    i0, i1, j0, j1, k0, k1 = first["roi"]
+    assert 0 <= i0 <= CLICK[0] <= i1 < 160 and 0 <= j0 <= CLICK[1] <= j1 < 128 and 0 <= k0 <= CLICK[2] <= k1 < 48
+    assert first["timings"]["model_zoom_in_encode"] > 0
+
+    inside = [(i0 + i1) // 2 + 1, (j0 + j1) // 2 - 1, (k0 + k1) // 2]
+    edit = server.infer_ok(IMAGE, {**base, "foreground": [CLICK], "background": [inside]}).json()
+    assert edit["cache"] == "edit"
+    assert edit["cache_hit"] is True  # decoder only: no encoder pass
+    assert edit["timings"]["model_encode"] < 0.01
+    assert edit["prompts"] == {"foreground": 1, "background": 1}
+
+    again = server.infer_ok(IMAGE, {**base, "foreground": [CLICK], "background": [inside]}).json()
+    assert again["cache"] == "repeat"
+
+
+def test_a_different_prompt_set_starts_a_new_object(server):
+    base = {"label": "spleen", "client_id": "new-object-test"}
+    server.infer_ok(IMAGE, {**base, "foreground": [CLICK]})
+    other = server.infer_ok(IMAGE, {**base, "foreground": [[40, 70, 20]]}).json()
+    assert other["cache"] == "new_object"
+    assert other["timings"]["model_zoom_out_cached"] is True  # the image's zoom-out features are shared
+
+
+def test_undo_explicit_and_by_resending_fewer_clicks(server):
+    base = {"label": "aorta", "client_id": "undo-test"}
+    one, one_reply = _label(server, IMAGE, {**base, "foreground": [CLICK]})
+    two_params = {**base, "foreground": [CLICK, [84, 60, 24]]}
+    server.infer_ok(IMAGE, two_params)
+
+    undone = server.infer_ok(IMAGE, {**base, "undo": True}, output="json").json()
+    assert undone["cache"] == "undo" and undone["roi"] == one_reply["roi"]
+
+    server.infer_ok(IMAGE, two_params)  # redo the second click: an edit again
+    by_viewer, reply = _label(server, IMAGE, {**base, "foreground": [CLICK]})  # the viewer dropped the last click
+    assert reply["cache"] == "undo"
+    np.testing.assert_array_equal(by_viewer, one)
+
+
+def test_reset_clears_the_object(server):
+    base = {"label": "left_kidney", "client_id": "reset-test"}
+    server.infer_ok(IMAGE, {**base, "foreground": [CLICK]})
+    r = server.infer_ok(IMAGE, {**base, "reset": True, "result_extension": ".nrrd"}, output="image")
+    data, _ = server.nrrd_label(r.content)
+    assert data.shape == (160, 128, 48) and not data.any()
+    r = server.infer(IMAGE, {**base, "undo": True})
+    assert r.status_code == 409 and "nothing to undo" in r.json()["detail"]
+
+
+def test_slicer_roi_one_slice_thick_and_reversed_pairs(server):
+    roi = [60, 100, 40, 90, 24, 24]
+    forward, reply = _label(server, IMAGE, {"roi": roi, "label": "liver", "client_id": "roi-a"})
+    assert reply["box"] == {"slice": 24, "corners": [[60, 40], [100, 90]], "source": "roi"}
+    reversed_roi = [100, 60, 90, 40, 24, 24]  # Slicer maps RAS corners to i, j, k: pairs may come reversed
+    backward, reply_b = _label(server, IMAGE, {"roi": reversed_roi, "label": "liver", "client_id": "roi-b"})
+    assert reply_b["box"] == reply["box"]
+    np.testing.assert_array_equal(backward, forward)
+
+
+def test_a_thick_roi_uses_its_middle_slice(server):
+    _, reply = _label(server, IMAGE, {"roi": [60, 100, 90, 40, 30, 20], "label": "liver", "client_id": "roi-c"})
+    assert reply["box"] == {"slice": 25, "corners": [[60, 40], [100, 90]], "source": "roi_middle_slice"}
+
+
+def test_explicit_2d_box_equals_the_same_one_slice_roi(server):
+    box = {"slice": 24, "corners": [[100, 90], [60, 40]]}
+    by_box, reply = _label(server, IMAGE, {"box": box, "label": "liver", "client_id": "box-a"})
+    assert reply["box"] == {"slice": 24, "corners": [[60, 40], [100, 90]], "source": "box"}
+    by_roi, _ = _label(server, IMAGE, {"roi": [60, 100, 40, 90, 24, 24], "label": "liver", "client_id": "box-b"})
+    np.testing.assert_array_equal(by_box, by_roi)
+    # A click added to the box is an edit of the same object.
+    edit = server.infer_ok(IMAGE, {"box": box, "foreground": [[80, 65, 24]], "label": "liver",
+                                   "client_id": "box-a"}).json()
+    assert edit["cache"] == "edit"
+
+
+def test_two_clients_on_one_image_never_share_state(server):
+    a = [CLICK, [84, 62, 24]]
+    b = [[40, 70, 20]]
+    # Reference: client A's two steps alone.
+    server.infer_ok(IMAGE, {"foreground": a[:1], "label": "liver", "client_id": "solo"})
+    solo, _ = _label(server, IMAGE, {"foreground": a, "label": "liver", "client_id": "solo"})
+
+    server.infer_ok(IMAGE, {"foreground": a[:1], "label": "liver", "client_id": "alice"})
+    bob = server.infer_ok(IMAGE, {"foreground": b, "label": "liver", "client_id": "bob"}).json()
+    assert bob["cache"] == "new_object"
+    alice, alice_reply = _label(server, IMAGE, {"foreground": a, "label": "liver", "client_id": "alice"})
+    np.testing.assert_array_equal(alice, solo)
+    bob_edit = server.infer_ok(IMAGE, {"foreground": b, "background": [[30, 60, 20]], "label": "liver",
+                                       "client_id": "bob"}).json()
+    assert bob_edit["cache"] == "edit"
+    assert alice_reply["client_id"] == "alice" and bob_edit["client_id"] == "bob"
+
+
+def test_labels_of_one_client_are_separate_objects(server):
+    base = {"client_id": "two-labels"}
+    server.infer_ok(IMAGE, {**base, "label": "liver", "foreground": [CLICK]})
+    spleen = server.infer_ok(IMAGE, {**base, "label": "spleen", "foreground": [[40, 70, 20]]}).json()
+    assert spleen["cache"] == "new_object" and spleen["label_names"] == {"spleen": 1}
+    liver = server.infer_ok(IMAGE, {**base, "label": "liver", "foreground": [CLICK]}).json()
+    assert liver["cache"] == "repeat"
+
+
+@pytest.mark.parametrize("output", [None, "json", "image"])
+def test_every_output_mode(server, output):
+    params = {"foreground": [CLICK], "label": "liver", "client_id": f"output-{output}"}
+    r = server.infer_ok(IMAGE, params, output=output)
+    if output == "json":
+        assert r.json()["label_names"] == {"liver": 1}
+    elif output == "image":
+        assert r.content[:2] == b"\x1f\x8b"  # the default format, .nii.gz
+    else:
+        reply, content, filename = server.multipart(r)
+        assert reply["label_names"] == {"liver": 1} and filename.endswith(".nii.gz") and content

@@ -1,0 +1,240 @@
+"""The app's parts in-process, without a server: prompt parsing, the label writers, options, the model service,
+the interaction logic and the automatic click."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import raps3d
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "raps3d"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from lib import interaction  # noqa: E402
+from lib.auto_prompt import soft_tissue_seed  # noqa: E402
+from lib.images import Geometry, ImageReadError, image_key, read_image  # noqa: E402
+from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
+from lib.model_service import ModelService  # noqa: E402
+from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
+from lib.prompts import PromptFormatError, parse_prompts  # noqa: E402
+
+SIZE = (160, 128, 48)  # (i, j, k)
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------------
+def test_points_are_converted_from_ijk_to_zyx():
+    prompts = parse_prompts({"foreground": [[10, 20, 30]], "background": [[1, 2, 3]]}, SIZE)
+    assert prompts.points == (((30.0, 20.0, 10.0), True), ((3.0, 2.0, 1.0), False))
+    assert prompts.box is None
+
+
+@pytest.mark.parametrize("roi,expected", [
+    ([60, 100, 40, 90, 24, 24], (24, "roi")),
+    ([100, 60, 90, 40, 24, 24], (24, "roi")),
+    ([60, 100, 40, 90, 20, 30], (25, "roi_middle_slice")),
+    ([60, 100, 40, 90, 31, 20], (25, "roi_middle_slice")),
+    ([60, 100, 40, 90, -10, 100], (23, "roi_middle_slice")),  # clipped to slices 0..47 first
+])
+def test_slicer_roi_becomes_a_2d_box(roi, expected):
+    box = parse_prompts({"roi": roi}, SIZE).box
+    assert (box.k, box.source) == expected
+    assert (box.i0, box.j0, box.i1, box.j1) == (60, 40, 100, 90)
+    assert box.to_library() == (expected[0], (40, 60), (90, 100))
+
+
+def test_a_box_poking_out_of_the_slice_is_clipped():
+    box = parse_prompts({"box": {"slice": 3, "corners": [[-5, 10], [500, 20]]}}, SIZE).box
+    assert (box.i0, box.j0, box.i1, box.j1) == (0, 10, 159, 20)
+
+
+@pytest.mark.parametrize("params", [
+    {"foreground": [[1, 2, 3, 4]]}, {"foreground": [[True, 2, 3]]}, {"foreground": [[float("nan"), 2, 3]]},
+    {"foreground": [[160, 0, 0]]}, {"roi": [0, 10, 0, 10, 60, 70]}, {"box": {"slice": 1}},
+])
+def test_malformed_prompts_raise(params):
+    with pytest.raises(PromptFormatError):
+        parse_prompts(params, SIZE)
+
+
+# -- label writers ----------------------------------------------------------------------------------------------------
+GEOMETRY = Geometry((7, 5, 4), (0.7, 0.8, 2.5), (-10.25, 3.5, 100.0),
+                    (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+
+
+def _mask_and_box():
+    rng = np.random.default_rng(0)
+    start, stop = (1, 1, 2), (3, 4, 6)
+    return rng.integers(0, 2, size=(2, 3, 4), dtype=np.uint8), start, stop
+
+
+@pytest.mark.parametrize("fmt", [LabelFormat(".nrrd"), LabelFormat(".nrrd", "uint16", True), LabelFormat(".nii.gz"),
+                                 LabelFormat(".nii", "float32")])
+def test_label_writers_keep_voxels_and_geometry(tmp_path, fmt):
+    mask, start, stop = _mask_and_box()
+    path = write_label(fmt, mask, start, stop, GEOMETRY, str(tmp_path))
+    assert path.endswith(fmt.extension)
+    label = sitk.ReadImage(path)
+    assert label.GetSize() == GEOMETRY.size
+    np.testing.assert_allclose(label.GetSpacing(), GEOMETRY.spacing, rtol=1e-6)
+    np.testing.assert_allclose(label.GetOrigin(), GEOMETRY.origin, rtol=1e-6)
+    np.testing.assert_allclose(label.GetDirection(), GEOMETRY.direction, atol=1e-6)
+    expected = np.zeros(GEOMETRY.shape_zyx, np.uint8)
+    expected[1:3, 1:4, 2:6] = mask
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), expected)
+    assert sitk.GetArrayFromImage(label).dtype == np.dtype(fmt.dtype)
+
+
+def test_raw_nrrd_header_is_exact_for_pynrrd(tmp_path):
+    mask, start, stop = _mask_and_box()
+    path = write_label(LabelFormat(".nrrd"), mask, start, stop, GEOMETRY, str(tmp_path))
+    data, header = nrrd.read(path)  # pynrrd: index order (i, j, k)
+    assert data.shape == GEOMETRY.size
+    direction = np.asarray(GEOMETRY.direction).reshape(3, 3)
+    np.testing.assert_array_equal(header["space directions"], (direction * GEOMETRY.spacing).T)
+    np.testing.assert_array_equal(header["space origin"], GEOMETRY.origin)
+    assert data[2:6, 1:4, 1:3].transpose(2, 1, 0).tolist() == mask.tolist()
+
+
+def test_an_empty_label(tmp_path):
+    for fmt in (LabelFormat(".nrrd"), LabelFormat(".nrrd", compress=True), LabelFormat(".nii.gz")):
+        path = write_label(fmt, None, None, None, GEOMETRY, str(tmp_path))
+        assert not sitk.GetArrayFromImage(sitk.ReadImage(path)).any()
+
+
+@pytest.mark.parametrize("params,ok", [
+    ({}, LabelFormat(".nii.gz", "uint8", False)),
+    ({"result_extension": "nrrd", "result_dtype": "uint8", "result_compress": "false"}, LabelFormat(".nrrd")),
+    ({"result_extension": ".NRRD", "result_compress": True}, LabelFormat(".nrrd", "uint8", True)),
+    ({"result_extension": ".mha"}, None), ({"result_dtype": "bool"}, None),
+])
+def test_label_format_from_params(params, ok):
+    if ok is None:
+        with pytest.raises(LabelFormatError):
+            LabelFormat.from_params(params)
+    else:
+        assert LabelFormat.from_params(params) == ok
+
+
+# -- images -----------------------------------------------------------------------------------------------------------
+def test_read_image_gives_zyx_voxels_and_itk_geometry(tmp_path):
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = Geometry((6, 5, 4), (0.5, 0.6, 3.0), (1.0, 2.0, 3.0), (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    path = str(tmp_path / "ct.nii.gz")
+    sitk.WriteImage(image.apply_to(sitk.GetImageFromArray(array)), path)
+    volume, geometry = read_image(path)
+    np.testing.assert_array_equal(volume, array)
+    assert volume.flags.c_contiguous and geometry.size == (6, 5, 4) and geometry.shape_zyx == (4, 5, 6)
+    key = image_key(path)
+    (tmp_path / "ct.nii.gz").write_bytes(b"changed")
+    assert image_key(path) != key  # a changed file is a new image
+    with pytest.raises(ImageReadError, match="cannot read 'ct.nii.gz'"):
+        read_image(path)
+
+
+def test_a_dicom_series_folder_reads_like_its_nifti():
+    sample = Path(__file__).resolve().parents[1] / "sample-data"
+    from_dicom, g_dicom = read_image(str(sample / "dicom" / "phantom_01"))
+    from_nifti, g_nifti = read_image(str(sample / "images" / "phantom_01.nii.gz"))
+    np.testing.assert_array_equal(from_dicom, from_nifti)
+    assert g_dicom.size == g_nifti.size
+    np.testing.assert_allclose(g_dicom.spacing, g_nifti.spacing, rtol=1e-5)
+    np.testing.assert_allclose(g_dicom.origin, g_nifti.origin, atol=1e-4)
+
+
+# -- options ----------------------------------------------------------------------------------------------------------
+def test_options_from_conf_then_environment_then_defaults():
+    assert AppOptions.from_conf({}, {}).model_path == DEFAULT_MODEL_PATH
+    opts = AppOptions.from_conf({"max_images": "2", "labels": "a, b"}, {"RAPS3D_MAX_IMAGES": "9",
+                                                                         "RAPS3D_DEVICE": "cpu"})
+    assert (opts.max_images, opts.device, opts.labels) == (2, "cpu", ("a", "b"))
+    with pytest.raises(ValueError, match="max_objects"):
+        AppOptions.from_conf({"max_objects": "many"}, {})
+    with pytest.raises(ValueError, match="device"):
+        AppOptions.from_conf({"device": "tpu"}, {})
+
+
+# -- model service ----------------------------------------------------------------------------------------------------
+def test_model_service_falls_back_loads_and_reloads(tmp_path, caplog):
+    path = tmp_path / "model.pt"
+    service = ModelService(AppOptions(model_path=path, device="cpu"))
+    assert service.expected_status().trained is False  # nothing loaded yet: a cheap look at the file
+    with caplog.at_level("WARNING"):
+        status = service.status()
+    assert status.trained is False and "UNTRAINED" in status.warning and "UNTRAINED" in caplog.text
+    untrained_store = service.store()
+
+    torch.manual_seed(1)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), path)
+    assert service.expected_status().trained is True
+    status = service.status()
+    assert status.trained and status.warning is None and status.config == "lite"
+    assert service.store() is not untrained_store  # new weights: sessions start over
+    trained_engine = service.engine()
+
+    path.write_bytes(b"a half-written or foreign file")
+    assert service.engine() is trained_engine  # a bad file does not replace working weights
+    assert service.store() is service.store()
+
+
+def test_model_service_reports_an_unreadable_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a checkpoint")
+    status = ModelService(AppOptions(model_path=path, device="cpu")).status()
+    assert not status.trained and "Loading it failed" in status.warning
+
+
+# -- interaction ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def session_store():
+    torch.manual_seed(0)
+    return raps3d.SessionStore(raps3d.Engine(raps3d.modeling.build_model("lite")), 2, 8, 3600)
+
+
+def _volume():
+    rng = np.random.default_rng(3)
+    return rng.integers(-200, 300, size=(24, 48, 56)).astype(np.int16)
+
+
+def test_edit_repeat_undo_and_new_object(session_store):
+    size = (56, 48, 24)
+    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
+    key = ("client", "vol", "liver")
+    first = interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": [[20, 20, 12]]}, size))
+    assert first.mode == "new_object"
+    two = parse_prompts({"foreground": [[20, 20, 12]], "background": [[22, 21, 12]]}, size)
+    assert interaction.apply_prompts(session_store, key, image, two).mode == "edit"
+    assert interaction.apply_prompts(session_store, key, image, two).mode == "repeat"
+    # Foreground and background lists lose the click order: any order of the same prompts is the same set.
+    three = parse_prompts({"foreground": [[20, 20, 12], [18, 19, 12]], "background": [[22, 21, 12]]}, size)
+    assert interaction.apply_prompts(session_store, key, image, three).mode == "edit"
+    back = interaction.apply_prompts(session_store, key, image, two)
+    assert back.mode == "undo"
+    other = parse_prompts({"foreground": [[30, 30, 10]]}, size)
+    assert interaction.apply_prompts(session_store, key, image, other).mode == "new_object"
+
+
+def test_a_rejected_first_prompt_leaves_no_session(session_store):
+    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
+    key = ("client", "vol", "spleen")
+    with pytest.raises(raps3d.PromptError):
+        interaction.apply_prompts(session_store, key, image, parse_prompts({"background": [[5, 5, 5]]},
+                                                                           (56, 48, 24)))
+    assert session_store.find_object(key) is None
+
+
+# -- automatic click ---------------------------------------------------------------------------------------------------
+def test_soft_tissue_seed_lands_in_the_brightest_soft_tissue():
+    volume = np.full((40, 80, 80), -1000, np.int16)
+    volume[10:30, 10:70, 10:70] = 30  # soft tissue
+    volume[15:25, 40:60, 45:65] = 180  # an enhancing organ
+    z, y, x = soft_tissue_seed(volume, (3.0, 1.0, 1.0))
+    assert 15 <= z < 25 and 40 <= y < 60 and 45 <= x < 65
+    assert soft_tissue_seed(np.full((10, 10, 10), -1000, np.int16), (1, 1, 1)) == (5, 5, 5)
