@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raps3d.geometry import Box, Frame, HU_WINDOW, logits_to_box, remap_logits, resample_box
+from raps3d.geometry import Box, Frame, HU_WINDOW, logits_to_box, logits_to_mask, remap_logits, resample_box
 
 
 @pytest.mark.parametrize("box,shape", [
@@ -80,3 +80,11 @@ def test_logits_to_box_equals_trilinear_interpolation():
     ours = logits_to_box(logits, (37, 50, 29))
     ref = F.interpolate(logits[None, None], size=(37, 50, 29), mode="trilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_mask_is_the_thresholded_interpolation():
+    logits = torch.randn(8, 16, 12)
+    mask = logits_to_mask(logits, (37, 50, 29), slab=5)
+    assert mask.dtype == np.uint8 and mask.shape == (37, 50, 29)
+    ref = (logits_to_box(logits, (37, 50, 29)) > 0).numpy()
+    assert (mask.astype(bool) != ref).sum() <= 2  # float rounding at exact zero crossings only

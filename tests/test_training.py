@@ -55,3 +55,33 @@ def test_simulated_clicks_follow_the_protocol():
     point, positive = corrective_click(pred, ref)
     assert not positive and point[0] < 2
     assert corrective_click(ref, ref) is None
+
+
+def _distributed_worker(rank, world, port, cases, out, result_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different initial weights: rank 0's must win
+        model = build_model("lite")
+        train(model, cases, out, TrainConfig(steps=2, batch_size=1, log_every=1, save_every=2, seed=0))
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_training_keeps_processes_in_step(cases, tmp_path):
+    """torch.distributed (gloo on the CPU; nccl on GPUs): same weights everywhere after each step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, cases, tmp_path / "m.pt", tmp_path), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert load_model(tmp_path / "m.pt")[1]["train_state"]["step"] == 2  # written once, by rank 0

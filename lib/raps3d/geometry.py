@@ -160,6 +160,18 @@ def logits_to_box(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return (mz @ x.reshape(d, -1)).reshape(len(mz), len(my), len(mx))
 
 
+def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32) -> np.ndarray:
+    """``logits_to_box(logits, size) > 0`` as uint8, computed a few output slices at a time so the float
+    intermediate stays small (the mask of a large region is the hot path of every edit)."""
+    d = logits.shape[0]
+    mz, my, mx = (_interp_matrix(n, m) for n, m in zip(logits.shape, size))
+    plane = (my @ (logits.float() @ mx.T)).reshape(d, -1)  # (d, Y * X): in-plane first, it is the small side
+    out = torch.empty((len(mz), plane.shape[1]), dtype=torch.bool)
+    for z in range(0, len(mz), slab):
+        torch.gt(mz[z:z + slab] @ plane, 0, out=out[z:z + slab])
+    return out.numpy().view(np.uint8).reshape(len(mz), len(my), len(mx))
+
+
 def remap_logits(logits: torch.Tensor, src: Frame, dst: Frame) -> torch.Tensor:
     """Low-resolution logits of frame ``src`` resampled onto the same-sized grid of frame ``dst``.
 

@@ -19,7 +19,7 @@ import torch
 
 from .engine import Engine
 from .errors import ImageError, PromptError
-from .geometry import Box, Frame, logits_to_box, remap_logits
+from .geometry import Box, Frame, logits_to_mask, remap_logits
 from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
 from .roi import expand_roi, roi_from_mask
 
@@ -313,5 +313,5 @@ class InteractiveObject:
         return _State(prompts, frame, logits, result)
 
     def _result(self, frame: Frame, logits: torch.Tensor, iou: float, changed: Box, cache_hit: bool) -> Result:
-        mask = (logits_to_box(logits, frame.box.size) > 0).numpy().view(np.uint8)  # bool -> uint8 without a copy
+        mask = logits_to_mask(logits, frame.box.size)
         return Result(mask, frame.box, changed, self.image.shape, cache_hit, iou)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checkpoint import save_model
@@ -142,6 +143,24 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
                                     "clicks": n_clicks}
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of a torch.distributed run, (0, 1) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: Raps3D, world: int) -> None:
+    """Data parallelism: every process trains on its own samples; gradients are averaged before each step."""
+    if world == 1:
+        return
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConfig,
           validate: Callable[[Raps3D], float] | None = None, resume: dict | None = None,
           dataset_weights: dict | None = None, progress: Callable[[dict], None] | None = None,
@@ -150,22 +169,30 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
 
     ``resume`` is a previous run's ``meta['train_state']``: the step count, schedule and history continue.
     Returns the final metadata (also stored in the checkpoint). A resumed run restarts Adam's moments.
+    Inside a torch.distributed process group each process draws its own samples, gradients are averaged, and only
+    rank 0 validates, reports and writes checkpoints (the batch size is per process).
     """
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rank, world = _world()
     step0, elapsed0, history = 0, 0.0, []
     if resume:
         step0 = resume["step"]
         elapsed0 = resume.get("seconds", 0.0)
         history = resume.get("history", [])
-        rng = np.random.default_rng([cfg.seed, step0])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    for _ in range(step0):
-        sched.step()
+    rng = np.random.default_rng([cfg.seed, step0, rank])
+    torch.manual_seed(cfg.seed)
+    if world > 1:  # start every process from rank 0's weights
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def schedule(s: int) -> float:  # linear warm-up, then cosine decay to 0 at cfg.steps
+        s += step0
+        return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     weights = dataset_weights or {"openkbp": 0.45, "lidc": 0.3, "totalsegmentator": 0.25}
     meta = dict(meta or {})
+    lead = rank == 0
     t0, running = time.perf_counter(), []
     model.train()
     step = step0
@@ -174,11 +201,12 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         loss, info = train_step(model, samples, rng, cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        running.append(float(loss))
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        running.append(float(loss.detach()))
+        if lead and (step % cfg.log_every == 0 or step == cfg.steps):
             entry = {"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
                      "seconds": elapsed0 + time.perf_counter() - t0}
             running = []
@@ -190,11 +218,12 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
             print(json.dumps(entry), flush=True)
             if progress:
                 progress(entry)
-        if step % cfg.save_every == 0 or step == cfg.steps or (should_stop and should_stop()):
+        stop = bool(should_stop and should_stop())
+        if lead and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
             save_model(model, out_path, meta)
-            if should_stop and should_stop():
-                break
+        if stop:
+            break
     model.eval()
     meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
     return meta

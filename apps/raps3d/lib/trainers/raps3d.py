@@ -4,7 +4,8 @@ Each structure (label value) of a saved label is a binary target; the library's 
 points and corrective clicks on zoom-out and zoom-in samples. The candidate is written to a scratch file beside the
 model and published (atomically moved over the served checkpoint) only when the run finished and it is at least as
 good as the served model on the validation split. A run that is stopped or killed never touches the served file; the
-infer task picks a published model up without a restart (it watches the file).
+infer task picks a published model up without a restart (it watches the file). With several GPUs, one training
+process runs per GPU (torch.distributed, NCCL), gradients averaged; the batch size is per GPU.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -53,10 +56,7 @@ class Raps3DTrain(TrainTask):
             return {}
 
     def _write_stats(self, stats: dict) -> None:
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.stats_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(stats, indent=1))
-        os.replace(tmp, self.stats_path)
+        _write_json(self.stats_path, stats)
 
     def _cases(self, datastore: Datastore) -> list[Case]:
         cases = []
@@ -96,20 +96,14 @@ class Raps3DTrain(TrainTask):
         else:
             logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
             model, meta = build_model("lite"), {}
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
+        gpus = torch.cuda.device_count()
+        device = "cuda" if gpus else "cpu"
+        model.to(device).eval()
         val_samples = fixed_samples(val_cases, model.config, 16)
-        model.eval()
         baseline = quick_dice(model, val_samples)
         stats.update(baseline_dice=baseline, train_images=[c.name for c in train_cases],
-                     val_images=[c.name for c in val_cases])
-
-        def progress(entry):
-            stats.update(epoch=entry["step"], loss=entry["loss"], seconds=entry["seconds"])
-            if "val_dice" in entry:
-                stats["val_dice"] = entry["val_dice"]
-                stats["best_metric"] = max(stats["best_metric"] or 0.0, entry["val_dice"])
-            self._write_stats(stats)
+                     val_images=[c.name for c in val_cases], gpus=gpus)
+        self._write_stats(stats)
 
         scratch = self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
         steps = int(cfg["steps"])
@@ -117,19 +111,65 @@ class Raps3DTrain(TrainTask):
                                 seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
                                 save_every=max(1, steps))
         fine_tune = {"fine_tuned_on": [c.name for c in train_cases], "base": meta.get("train_state", {}).get("step")}
-        train(model, train_cases, scratch, train_cfg, validate=lambda m: quick_dice(m, val_samples),
-              dataset_weights={"datastore": 1.0}, progress=progress, meta={**meta, "fine_tune": fine_tune})
+        save_model(model.cpu(), scratch, {**meta, "fine_tune": fine_tune}, half=False)  # the workers' start point
+        job = (scratch, train_cases, val_cases, train_cfg, str(self.stats_path), stats)
+        if gpus > 1:  # one process per GPU, gradients averaged over NCCL
+            torch.multiprocessing.spawn(_fit, args=(gpus, _free_port(), *job), nprocs=gpus, join=True)
+        else:
+            _fit(0, 1, 0, *job)
+        model, _ = load_model(scratch)
+        model.to(device).eval()
         candidate = quick_dice(model, val_samples)
         published = candidate >= baseline or cfg["publish"] == "always"
         if published:
             save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
                                                                              "baseline_dice": baseline}})
         scratch.unlink(missing_ok=True)
+        stats = {**self.stats(), "baseline_dice": baseline}
         stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
-                     best_metric=max(stats["best_metric"] or 0.0, candidate),
+                     best_metric=max(stats.get("best_metric") or 0.0, candidate),
                      message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
                               if published else f"kept the served model: validation Dice {candidate:.3f} < "
                               f"{baseline:.3f}"))
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit(rank: int, world: int, port: int, scratch: Path, train_cases, val_cases, cfg: TrainConfig,
+         stats_path: str, stats: dict) -> None:
+    """Train the model stored at ``scratch`` and write it back there (rank 0). A module-level function, so that
+    torch.multiprocessing can start it once per GPU."""
+    if world > 1:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, meta = load_model(scratch)
+        model.to(f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+        val_samples = fixed_samples(val_cases, model.config, 16)
+
+        def progress(entry):
+            stats.update(epoch=entry["step"], loss=entry["loss"], seconds=entry["seconds"])
+            if "val_dice" in entry:
+                stats["val_dice"] = entry["val_dice"]
+                stats["best_metric"] = max(stats["best_metric"] or 0.0, entry["val_dice"])
+            _write_json(Path(stats_path), stats)
+
+        train(model, train_cases, scratch, cfg, validate=lambda m: quick_dice(m, val_samples),
+              dataset_weights={"datastore": 1.0}, progress=progress, meta=meta)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
