@@ -88,3 +88,21 @@ def test_logits_to_mask_is_the_thresholded_interpolation():
     assert mask.dtype == np.uint8 and mask.shape == (37, 50, 29)
     ref = (logits_to_box(logits, (37, 50, 29)) > 0).numpy()
     assert (mask.astype(bool) != ref).sum() <= 2  # float rounding at exact zero crossings only
+
+
+def test_box_roi_follows_the_box_in_plane_and_bounds_the_depth():
+    from raps3d.roi import roi_for_box
+
+    shape, spacing = (100, 200, 200), (2.0, 1.0, 1.0)
+    frame = Frame(Box((0, 0, 0), shape), (32, 128, 128))
+    logits = -np.ones((32, 64, 64), np.float32)
+    logits[:, 20:40, 20:40] = 1  # a coarse zoom-out mask: a column through every slice
+    roi = roi_for_box(logits, frame, 50, (70, 70), (110, 110), spacing, shape)
+    # in-plane: the drawn box plus a margin, not the whole column
+    assert 55 <= roi.start[1] < 70 and 110 < roi.stop[1] <= 125
+    # depth: at most twice half the box's larger size (41 mm / 2 / 2 mm per slice ~ 10 slices) each way, plus margin
+    assert roi.start[0] >= 50 - 2 * 10.25 - 10 and roi.stop[0] <= 50 + 2 * 10.25 + 11
+    assert roi.start[0] < 50 - 10 and roi.stop[0] > 50 + 10  # ... and at least once that, since the mask goes on
+    logits[:] = -1  # no zoom-out mask: the depth from the box's size alone
+    roi = roi_for_box(logits, frame, 50, (70, 70), (110, 110), spacing, shape)
+    assert 50 - 10.25 - 10 <= roi.start[0] <= 50 - 10 and 50 + 10 < roi.stop[0] <= 50 + 10.25 + 11

@@ -21,10 +21,12 @@ from .engine import Engine
 from .errors import ImageError, PromptError
 from .geometry import Box, Frame, logits_to_mask, remap_logits
 from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
-from .roi import expand_roi, roi_from_mask
+from .roi import expand_roi, roi_for_box, roi_from_mask
 
 # Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
 FEATURE_CACHE_SIZE = 2
+# A point's zoom-in region is tightened once when its mask fills less than this fraction of it (by box volume).
+TIGHTEN_RATIO = 0.35
 
 
 class ImageState:
@@ -263,21 +265,35 @@ class InteractiveObject:
         t1 = time.perf_counter()
         logits_out, _ = self.engine.decode(feats, image.frame.to_frame(coords), labels, None, prompts.ambiguous)
         positive = coords[labels != NEGATIVE]
-        seeds = positive
-        if prompts.box is not None:
+        if prompts.box is not None and len(prompts.points) == 0:
             b = prompts.box
-            ys, xs = np.meshgrid(np.linspace(b.y0, b.y1, 5), np.linspace(b.x0, b.x1, 5), indexing="ij")
-            seeds = np.concatenate([positive, np.stack([np.full(ys.size, b.z), ys.ravel(), xs.ravel()], 1)])
-        roi = roi_from_mask(logits_out.numpy(), image.frame, positive.min(0), positive.max(0), seeds,
-                            image.spacing, image.shape)
-        if prompts.box is not None:
-            roi = roi.union(self._box_depth_extent(prompts.box))
+            roi = roi_for_box(logits_out.numpy(), image.frame, b.z, (b.y0, b.x0), (b.y1, b.x1), image.spacing,
+                              image.shape)
+        else:
+            seeds = positive
+            if prompts.box is not None:
+                b = prompts.box
+                ys, xs = np.meshgrid(np.linspace(b.y0, b.y1, 5), np.linspace(b.x0, b.x1, 5), indexing="ij")
+                seeds = np.concatenate([positive, np.stack([np.full(ys.size, b.z), ys.ravel(), xs.ravel()], 1)])
+            roi = roi_from_mask(logits_out.numpy(), image.frame, positive.min(0), positive.max(0), seeds,
+                                image.spacing, image.shape)
+            if prompts.box is not None:
+                roi = roi.union(self._box_depth_extent(prompts.box))
         t2 = time.perf_counter()
         frame = Frame(roi, self.engine.config.input_shape)
         self._features.clear()
         feats_in, _ = self._roi_features(frame)
         t3 = time.perf_counter()
         logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
+        if prompts.box is None:
+            # A point says nothing of size: when the zoom-in mask fills only a small part of a region found by a
+            # coarse zoom-out mask, look once more, closer (the region shrinks to that mask plus its margin).
+            tight = roi_from_mask(logits.numpy(), frame, positive.min(0), positive.max(0), positive,
+                                  image.spacing, image.shape)
+            if np.prod(tight.size) < TIGHTEN_RATIO * np.prod(roi.size) and frame.box.contains_box(tight):
+                roi, frame = tight, Frame(tight, self.engine.config.input_shape)
+                feats_in, _ = self._roi_features(frame)
+                logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
         result = self._result(frame, logits, iou, changed=roi if self._state.frame is None
                               else roi.union(self._state.frame.box), cache_hit=False)
         t4 = time.perf_counter()

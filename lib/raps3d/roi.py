@@ -55,3 +55,31 @@ def expand_roi(roi: Box, points_zyx: np.ndarray, spacing, shape) -> Box:
     extent = np.asarray(roi.size, float)
     grown = Box.from_extent(pts.min(0), pts.max(0), margins(extent, spacing), (1, 1, 1), shape)
     return roi.union(grown)
+
+
+def roi_for_box(logits: np.ndarray, frame: Frame, z: int, low_yx, high_yx, spacing, shape) -> Box:
+    """The zoom-in box for a 2D box prompt on slice ``z``: in-plane, the drawn box (it says exactly where the
+    structure is); in depth, the run of slices around ``z`` on which the zoom-out mask overlaps the drawn box,
+    at least half the box's larger in-plane size (mm) above and below, and at most twice that. The bound keeps a
+    coarse zoom-out mask from stretching the region (and so losing zoom-in resolution) along the slice axis."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    (y0, x0), (y1, x1) = low_yx, high_yx
+    half = max((y1 - y0 + 1) * spacing[1], (x1 - x0 + 1) * spacing[2]) / 2.0 / spacing[0]
+    z_low, z_high = z - half, z + half
+    fg = logits > 0
+    grid = Frame(frame.box, fg.shape)
+    a, b = np.rint(grid.to_frame(np.array([[z, y0, x0], [z, y1, x1]], float))).astype(int)
+    a, b = np.clip(a, 0, np.asarray(fg.shape) - 1), np.clip(b, 0, np.asarray(fg.shape) - 1)
+    on = fg[:, a[1]:b[1] + 1, a[2]:b[2] + 1].any(axis=(1, 2))
+    if on[a[0]]:
+        top, bottom = a[0], a[0]
+        while top > 0 and on[top - 1]:
+            top -= 1
+        while bottom < len(on) - 1 and on[bottom + 1]:
+            bottom += 1
+        run_low = grid.to_volume(np.array([[top - 0.5, 0, 0]]))[0, 0]
+        run_high = grid.to_volume(np.array([[bottom + 0.5, 0, 0]]))[0, 0]
+        z_low = max(min(z_low, run_low), z - 2 * half)
+        z_high = min(max(z_high, run_high), z + 2 * half)
+    low, high = np.array([z_low, y0, x0], float), np.array([z_high, y1, x1], float)
+    return Box.from_extent(low, high, margins(high - low, spacing), min_size(spacing, shape), shape)
