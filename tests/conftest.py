@@ -74,7 +74,7 @@ def _write_bad_images(folder: Path) -> None:
 class Server:
     """A running MONAI Label server and a few helpers to talk to it."""
 
-    def __init__(self, url: str, studies: Path, log: Path):
+    def __init__(self, url: str, studies: Path | str, log: Path):
         self.url = url
         self.studies = studies
         self.log = log
@@ -146,8 +146,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(work: Path, studies: Path, model_path: Path):
-    """``monailabel start_server`` with the Raps-3D app over ``studies``, stopped (with its process group) on exit."""
+def running_server(work: Path, studies: Path | str, model_path: Path, extra_env: dict[str, str] | None = None):
+    """``monailabel start_server`` with the Raps-3D app over ``studies`` (a folder or a DICOMweb URL), stopped (with
+    its process group) on exit. ``extra_env``: more environment variables for the server (e.g. MONAI Label settings).
+    """
     import requests
 
     port = _free_port()
@@ -158,6 +160,7 @@ def running_server(work: Path, studies: Path, model_path: Path):
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": TORCH_THREADS,
     })
+    env.update(extra_env or {})
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port),
            "--conf", "model_path", str(model_path),
@@ -208,3 +211,7 @@ def server(tmp_path_factory) -> Server:
     _write_bad_images(studies)
     with running_server(work, studies, work / "no-checkpoint-here.pt") as srv:
         yield srv
+
+
+# Session fixtures of the viewer tests (a test Orthanc with DICOMweb, the server over it), shared by their modules.
+from dicomweb_fixtures import dicomweb_server, orthanc  # noqa: E402,F401

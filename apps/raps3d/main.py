@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -20,6 +23,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib import dicomweb, ohif
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
 from lib.trainers.raps3d import Raps3DTrain
@@ -59,14 +63,29 @@ class Raps3DApp(MONAILabelApp):
             meta["description"] = f"{warning} {DESCRIPTION}"
         return meta
 
+    def init_remote_datastore(self) -> Datastore:
+        # DICOMweb: MONAI Label's datastore, with series retrieved as stored (decoded here) and no dcmqi download.
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa") or "googleapis.com" in self.studies:
+            return super().init_remote_datastore()
+        logger.info(f"Raps-3D: DICOMweb studies {self.studies}")
+        return dicomweb.make_datastore(self.studies)
+
     def infer(self, request, datastore=None):
         # MONAI Label replaces the image id by its path (or by "" when unknown): keep the id for messages.
         request = dict(request)
         request["image_id"] = request.get("image")
+        store = datastore or self.datastore()
+        image = request.get("image")
+        if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
+            dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
         return super().infer(request, datastore)
 
     def on_init_complete(self):
         super().on_init_complete()
+        try:
+            ohif.install_routes()  # OHIF's nested files, and its DICOMweb proxy requests with their Accept header
+        except Exception:
+            logger.exception("Raps-3D: could not install the OHIF routes; left to MONAI Label")
         try:
             self.task.service.warm_up()  # server start only: the first click should not pay for loading
         except Exception:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_series import SeriesGeometryError, check_series_geometry, source_series_folder
+
 
 class ImageReadError(ValueError):
     """The file cannot be read as a single-channel 3D image (corrupt, not an image, 2D, RGB, ...)."""
@@ -90,7 +92,14 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
 
 
 def read_image(path: str) -> tuple[np.ndarray, Geometry]:
-    """Voxels (z, y, x) in the file's own data type, and the image geometry."""
+    """Voxels (z, y, x) in the file's own data type, and the image geometry. An image from a DICOM series that would
+    be a distorted volume (gantry tilt, uneven slice gaps) is refused."""
+    folder = source_series_folder(path)
+    if folder is not None:
+        try:
+            check_series_geometry(folder)
+        except SeriesGeometryError as e:
+            raise ImageReadError(str(e)) from None
     try:
         image = _read_sitk(path)
     except ImageReadError:

@@ -1,0 +1,137 @@
+"""DICOMweb studies (``--studies https://pacs/dicom-web``): what the app changes in MONAI Label's DICOMweb datastore.
+
+- Series are retrieved in the transfer syntax they are stored in (JPEG 2000, JPEG-LS, JPEG, RLE, deflate, ...) and
+  decoded here by GDCM (through SimpleITK, when MONAI Label converts the series to NIfTI). MONAI Label's client asks
+  for uncompressed Explicit VR Little Endian, which makes the server transcode; servers that cannot (Orthanc without
+  its GDCM plugin cannot transcode JPEG 2000) then answer 500 and the image never opens.
+- Nothing is downloaded at start: MONAI Label fetches dcmqi (used to write DICOM SEG) from the internet when
+  ``itkimage2segimage`` is not on PATH. The ``dcmqi`` Python package provides it; its folder is put on PATH here.
+- Fetch errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be converted)
+  instead of MONAI Label's bare 500; so does saving an empty ``final`` label (400).
+
+Everything else (listing series, caching, writing ``final`` labels back as DICOM SEG) is MONAI Label's own
+``DICOMWebDatastore``, configured by its usual settings (``MONAI_LABEL_DICOMWEB_*``, ``MONAI_LABEL_*_PREFIX``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import requests
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+logger = logging.getLogger(__name__)
+
+SEG_TOOL = "itkimage2segimage"
+AS_STORED = (("application/dicom", "*"),)  # any transfer syntax: the one the server stores
+
+
+class StoredSyntaxClient(DICOMwebClientX):
+    """MONAI Label's DICOMweb client, retrieving whole series as stored instead of transcoded."""
+
+    def retrieve_series(self, study_instance_uid, series_instance_uid, media_types=None, additional_params=None):
+        return super().retrieve_series(study_instance_uid, series_instance_uid,
+                                       media_types=media_types or AS_STORED, additional_params=additional_params)
+
+
+class Raps3DDICOMWebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore; a ``final`` label without any labelled voxel is refused (400) instead of
+    failing inside the DICOM SEG writer (a bare 500)."""
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
+            raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
+                                                        "which needs at least one labelled voxel")
+        return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+
+def _is_empty(label_file: str) -> bool:
+    """Whether a label file has no labelled voxel (an ITK-readable image, or OHIF's raw uint8 ``.bin``)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if label_file.endswith(".bin"):
+        return not np.fromfile(label_file, dtype=np.uint8).any()
+    try:
+        stats = sitk.StatisticsImageFilter()
+        stats.Execute(sitk.Cast(sitk.ReadImage(label_file), sitk.sitkFloat32))
+        return stats.GetMaximum() == 0 and stats.GetMinimum() == 0
+    except RuntimeError:
+        return False  # not readable here: left to MONAI Label
+
+
+def is_dicomweb(studies: str) -> bool:
+    return isinstance(studies, str) and studies.startswith(("http://", "https://"))
+
+
+def expose_dcmqi_tools() -> str | None:
+    """Puts the folder holding ``itkimage2segimage`` (the ``dcmqi`` package's, or this Python's scripts folder) on
+    PATH when it is not there yet; returns the tool's path, or None when it is not installed."""
+    found = shutil.which(SEG_TOOL)
+    if found:
+        return found
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import dcmqi  # the wheel keeps its executables in dcmqi/bin
+
+        folders.append(os.path.join(os.path.dirname(dcmqi.__file__), "bin"))
+    except ImportError:
+        pass
+    for folder in folders:
+        tool = os.path.join(folder, SEG_TOOL)
+        if os.path.isfile(tool) and os.access(tool, os.X_OK):
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return tool
+    return None
+
+
+def make_datastore(studies: str) -> DICOMWebDatastore:
+    """MONAI Label's DICOMweb datastore over ``studies``, with the same settings MONAI Label reads, and a client that
+    retrieves series as stored. Downloads nothing."""
+    if not expose_dcmqi_tools():
+        logger.warning(f"Raps-3D: {SEG_TOOL} (pip package dcmqi) is not installed: saving 'final' labels as DICOM SEG "
+                       "will fail")
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    client = StoredSyntaxClient(url=studies, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+    return Raps3DDICOMWebDatastore(client=client, search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                                   cache_path=cache_path or None,
+                                   fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                                   convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI)
+
+
+def fetch_series(datastore: DICOMWebDatastore, series_uid: str) -> str:
+    """The local file (or folder) of a series, fetched and converted on first use; errors as HTTPExceptions."""
+    try:
+        return datastore.get_image_uri(series_uid)
+    except IndexError:  # MONAI Label's lookup of the series' study found nothing
+        raise HTTPException(status_code=404, detail=f"series {series_uid!r} is not on the DICOMweb server") from None
+    except requests.HTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 404:
+            raise HTTPException(status_code=404,
+                                detail=f"series {series_uid!r} is not on the DICOMweb server") from None
+        raise HTTPException(status_code=502, detail=f"the DICOMweb server failed to send series {series_uid!r}: "
+                                                    f"HTTP {status}") from None
+    except requests.RequestException as e:
+        raise HTTPException(status_code=502, detail=f"the DICOMweb server cannot be reached: "
+                                                    f"{type(e).__name__}") from None
+    except (RuntimeError, ValueError, OSError) as e:  # SimpleITK/GDCM cannot decode or assemble the series
+        text = str(e).strip().splitlines()
+        reason = text[-1] if text else type(e).__name__
+        raise HTTPException(status_code=422, detail=f"series {series_uid!r} cannot be converted to a volume "
+                                                    f"(unsupported encoding or not an image series): {reason}"
+                            ) from None

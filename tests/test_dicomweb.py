@@ -1,0 +1,270 @@
+"""The Raps-3D app over a real DICOMweb server (a test Orthanc): listing, fetching and decoding series (JPEG 2000 and
+other transfer syntaxes), refusing series that would be distorted volumes, labels aligned with the series, and
+``final`` labels written back to the server as DICOM SEG that reference the series and hold the saved voxels.
+
+Requests are what OHIF sends (image = SeriesInstanceUID, NRRD replies); see test_slicer_client.py for 3D Slicer's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+
+from conftest import APP_DIR, DATA_ROOT, ROOT
+from dicomweb_fixtures import need_series, transfer_syntax_files
+
+OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+               "restore_label_idx": False}
+TS_NAMES = sorted(transfer_syntax_files(DATA_ROOT)) or ["(data folder absent)"]
+REFERENCE_SLICE = "LittleEndianExplicit"  # the uncompressed encoding of the transfer-syntax test slice
+
+
+def _nrrd_geometry(header) -> tuple:
+    directions = np.asarray(header["space directions"], float)  # rows: the i, j, k axis vectors (LPS)
+    spacing = np.linalg.norm(directions, axis=1)
+    return (tuple(int(n) for n in header["sizes"]), spacing, np.asarray(header["space origin"], float),
+            (directions / spacing[:, None]).T)  # columns: axis directions, as ITK's direction matrix
+
+
+def _served_image(srv, series_uid: str, tmp_path) -> sitk.Image:
+    """The volume the app segments: MONAI Label's conversion of the series, downloaded from the server."""
+    r = requests.get(f"{srv.url}/datastore/image", params={"image": series_uid}, timeout=120)
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:300]}"
+    return srv.image_from_bytes(r.content, ".nii.gz", tmp_path)
+
+
+def _ohif_infer(srv, series_uid: str, params: dict):
+    r = srv.infer(series_uid, {**params, **OHIF_PARAMS}, output="image")
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:500]}\n{srv.log_tail()}"
+    return srv.nrrd_label(r.content)
+
+
+# -- the DICOMweb server and the app's start ------------------------------------------------------------------------
+def test_test_orthanc_serves_dicomweb_and_requires_credentials(orthanc):
+    qido = f"{orthanc.dicomweb}/series"
+    assert requests.get(qido, timeout=30).status_code == 401
+    series = requests.get(qido, auth=orthanc.auth, timeout=30).json()
+    uids = {s["0020000E"]["Value"][0] for s in series}
+    assert {s.series_uid for s in orthanc.series.values()} <= uids
+    phantom = orthanc.series["phantom"]
+    assert phantom.files == 48 and phantom.transfer_syntax == "1.2.840.10008.1.2.1"
+
+
+def test_server_started_over_dicomweb_without_downloading_anything(dicomweb_server):
+    info = requests.get(f"{dicomweb_server.url}/info/", timeout=30).json()
+    assert info["models"]["raps3d"]["type"] == "deepgrow"
+    log = dicomweb_server.log.read_text(errors="replace")
+    assert "DICOMweb studies" in log and "dcmqi-1.2.4" not in log and "Downloading" not in log
+    assert not (APP_DIR / "bin" / "itkimage2segimage").exists()  # dcmqi comes from the Python package, not a download
+
+
+def test_next_sample_lists_the_series_of_the_server(dicomweb_server, orthanc):
+    ct_series = {s.series_uid for s in orthanc.series.values()}
+    seen = set()
+    for strategy in ("first", "random", "raps3d_uncertain"):
+        r = requests.post(f"{dicomweb_server.url}/activelearning/{strategy}", json={}, timeout=120)
+        assert r.status_code == 200, f"{strategy}: {r.status_code} {r.text[:300]}"
+        seen.add(r.json()["id"])
+    assert seen and seen <= ct_series
+
+
+def test_unknown_series_is_404_not_500(dicomweb_server):
+    r = dicomweb_server.infer("1.2.3.4.5.6.7.8.9", {"foreground": [[1, 1, 1]]})
+    assert r.status_code == 404 and "not on the DICOMweb server" in r.json()["detail"]
+
+
+# -- decoding and geometry ------------------------------------------------------------------------------------------
+def test_uncompressed_phantom_series_matches_its_nifti_twin(dicomweb_server, orthanc, tmp_path):
+    phantom = orthanc.series["phantom"]
+    label, header = _ohif_infer(dicomweb_server, phantom.series_uid, {"foreground": [[80, 64, 24]], "label": "liver"})
+    twin = sitk.ReadImage(str(ROOT / "sample-data" / "images" / "phantom_01.nii.gz"))
+    size, spacing, origin, direction = _nrrd_geometry(header)
+    assert size == twin.GetSize() == label.shape
+    np.testing.assert_allclose(spacing, twin.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(origin, twin.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(direction.ravel(), twin.GetDirection(), atol=1e-6)
+    served = _served_image(dicomweb_server, phantom.series_uid, tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(twin))
+    assert label[80, 64, 24] in (0, 1) and set(np.unique(label)) <= {0, 1}
+
+
+def test_jpeg2000_series_decodes_and_the_label_is_aligned_with_the_reference(dicomweb_server, orthanc, tmp_path):
+    j2k = need_series(orthanc, "j2k", DATA_ROOT)
+    assert j2k.transfer_syntax == "1.2.840.10008.1.2.4.90" and j2k.files == 20  # JPEG 2000 lossless, as stored
+    reference_path = DATA_ROOT / "totalsegmentator" / "example_seg_dicom.nii.gz"
+    if not reference_path.exists():
+        pytest.skip(f"{reference_path} not found")
+    # The reference is stored in another axis order (j flipped): compare on the same LPS-ordered grid.
+    reference = sitk.DICOMOrient(sitk.ReadImage(str(reference_path)), "LPS")
+
+    label, header = _ohif_infer(dicomweb_server, j2k.series_uid, {"foreground": [[300, 200, 10]], "label": "liver"})
+    size, spacing, origin, direction = _nrrd_geometry(header)
+    assert size == reference.GetSize() == label.shape == (512, 512, 20)
+    np.testing.assert_allclose(spacing, reference.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(origin, reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(direction.ravel(), reference.GetDirection(), atol=1e-6)
+
+    # The voxels are the series' (decoded here: the test Orthanc cannot transcode JPEG 2000) and line up with the
+    # reference labels: liver and spleen hold soft tissue, the aorta contrast-filled blood, the corners air.
+    served = _served_image(dicomweb_server, j2k.series_uid, tmp_path)
+    assert served.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(served.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    hu = sitk.GetArrayFromImage(served).astype(np.float32)
+    classes = sitk.GetArrayFromImage(reference)
+    direct = sitk.ImageSeriesReader()
+    direct.SetFileNames(direct.GetGDCMSeriesFileNames(str(j2k.source)))
+    np.testing.assert_array_equal(hu, sitk.GetArrayFromImage(direct.Execute()))  # lossless: the stored values
+    for name, value, low, high in (("liver", 5, 30, 200), ("spleen", 1, 30, 200), ("aorta", 52, 100, 500)):
+        inside = hu[classes == value]
+        assert inside.size > 500, name
+        assert low < np.median(inside) < high, f"{name}: median {np.median(inside)} HU"
+    assert np.median(hu[:, :20, :20]) < -900  # air in a corner
+
+
+@pytest.mark.parametrize("name", TS_NAMES)
+def test_transfer_syntax_series_decodes_to_the_stored_values(dicomweb_server, orthanc, name, tmp_path):
+    series = need_series(orthanc, f"ts:{name}", DATA_ROOT)
+    label, header = _ohif_infer(dicomweb_server, series.series_uid, {"foreground": [[256, 256, 1]]})
+    assert label.shape == (512, 512, 3) and tuple(header["sizes"]) == (512, 512, 3)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(header["space directions"], float), axis=1)[2], 2.5,
+                               atol=1e-3)
+    volume = sitk.GetArrayFromImage(_served_image(dicomweb_server, series.series_uid, tmp_path)).astype(np.float64)
+    assert volume.shape == (3, 512, 512)
+    if name.endswith("_J2KR"):  # a vendor's own JPEG 2000 slice: the values GDCM decodes from the file itself
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(series.source))
+        expected = sitk.GetArrayFromImage(reader.Execute())[0].astype(np.float64)
+    else:  # the same slice, uncompressed, decoded without any codec (pydicom, raw pixels, rescaled to HU)
+        import pydicom
+
+        ds = pydicom.dcmread(orthanc.series[f"ts:{REFERENCE_SLICE}"].source)
+        expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert expected.std() > 100  # a real CT slice, not a flat image
+    for k in range(3):
+        if series.lossless:
+            np.testing.assert_array_equal(volume[k], expected, err_msg=f"{name} slice {k}")
+        else:  # lossy JPEG / JPEG-LS / JPEG 2000: close, not equal
+            error = np.abs(volume[k] - expected)
+            assert error.mean() < 25 and np.corrcoef(volume[k].ravel(), expected.ravel())[0, 1] > 0.9999, name
+
+
+def test_multiframe_enhanced_ct_jpeg_file_decodes(dicomweb_server, orthanc, tmp_path):
+    series = need_series(orthanc, "multiframe_jpeg", DATA_ROOT)
+    label, header = _ohif_infer(dicomweb_server, series.series_uid, {"foreground": [[256, 256, 1]]})
+    assert label.shape == (512, 512, 2)
+    volume = sitk.GetArrayFromImage(_served_image(dicomweb_server, series.series_uid, tmp_path))
+    assert volume.shape == (2, 512, 512) and volume.std() > 50
+
+
+def test_gantry_tilted_series_is_refused_with_the_reason(dicomweb_server, orthanc):
+    series = need_series(orthanc, "gantry_tilt", DATA_ROOT)
+    r = dicomweb_server.infer(series.series_uid, {"foreground": [[256, 256, 10]]})
+    assert r.status_code == 422, r.text[:300]
+    detail = r.json()["detail"]
+    assert "gantry-tilted" in detail and "18.5 degrees" in detail and "Resample" in detail
+
+
+def test_series_with_a_missing_slice_is_refused_with_the_reason(dicomweb_server, orthanc):
+    series = orthanc.series["phantom_missing_slice"]
+    r = dicomweb_server.infer(series.series_uid, {"foreground": [[80, 64, 24]]})
+    assert r.status_code == 422, r.text[:300]
+    assert "uneven slice spacing" in r.json()["detail"] and "3.00 to 6.00 mm" in r.json()["detail"]
+
+
+# -- final labels as DICOM SEG --------------------------------------------------------------------------------------
+def _seg_of(orthanc, study_uid: str, before: set) -> tuple[list, "object"]:
+    import pydicom
+
+    new = [s for s in orthanc.find("Series", {"Modality": "SEG", "StudyInstanceUID": study_uid}) if s not in before]
+    assert len(new) == 1, f"expected one new SEG series in the study, found {new}"
+    instances = orthanc.get_json(f"/series/{new[0]}/instances")
+    assert len(instances) == 1
+    return new, pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(instances[0]["ID"])))
+
+
+def test_final_label_is_written_to_the_server_as_dicom_seg_with_the_same_voxels(dicomweb_server, orthanc, tmp_path):
+    import pydicom_seg
+
+    j2k = need_series(orthanc, "j2k", DATA_ROOT)
+    label, header = _ohif_infer(dicomweb_server, j2k.series_uid, {"foreground": [[300, 200, 10]], "label": "liver",
+                                                                   "client_id": "seg-test"})
+    assert 0 < label.sum() < label.size
+    before = set(orthanc.find("Series", {"Modality": "SEG"}))
+
+    # Saved as OHIF and 3D Slicer save: the reply label, the segment names in label_info.
+    label_file = tmp_path / "label.nrrd"
+    import nrrd
+
+    nrrd.write(str(label_file), label, header, index_order="F")
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": j2k.series_uid, "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": "liver", "idx": 1}]})},
+                     files={"label": ("label.nrrd", label_file.read_bytes())}, timeout=300)
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:300]}\n{dicomweb_server.log_tail()}"
+    assert r.json()["image"] == j2k.series_uid
+
+    _, seg = _seg_of(orthanc, j2k.study_uid, before)
+    assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.StudyInstanceUID == j2k.study_uid
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == j2k.series_uid
+    ct_sops = {str(i["MainDicomTags"]["SOPInstanceUID"])
+               for i in orthanc.get_json(f"/series/{orthanc.series_id(j2k.series_uid)}/instances")}
+    referenced_sops = {str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence}
+    assert referenced_sops == ct_sops
+    frame_sources = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                     for f in seg.PerFrameFunctionalGroupsSequence}
+    assert frame_sources <= ct_sops
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver"]
+
+    # Decoded back (pydicom-seg), on the label's grid: the same voxels.
+    decoded = pydicom_seg.MultiClassReader().read(seg).image
+    saved = sitk.ReadImage(str(label_file))
+    on_grid = sitk.Resample(decoded, saved, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid), sitk.GetArrayFromImage(saved))
+    np.testing.assert_allclose(decoded.GetSpacing(), saved.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(decoded.GetDirection(), saved.GetDirection(), atol=1e-6)
+
+
+def test_empty_final_label_is_refused_with_400(dicomweb_server, orthanc, tmp_path):
+    phantom = orthanc.series["phantom"]
+    twin = sitk.ReadImage(str(ROOT / "sample-data" / "images" / "phantom_01.nii.gz"))
+    empty = sitk.Image(twin.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(twin)
+    path = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(empty, str(path))
+    before = set(orthanc.find("Series", {"Modality": "SEG"}))
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": phantom.series_uid, "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": "liver"}]})},
+                     files={"label": ("label.nii.gz", path.read_bytes())}, timeout=120)
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
+
+
+def test_local_dicom_folders_get_the_same_geometry_checks(tmp_path):
+    """The same refusal when a DICOM folder is read directly (a local studies folder), without any server."""
+    import shutil
+    import sys
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.images import ImageReadError, read_image
+
+    phantom = ROOT / "sample-data" / "dicom" / "phantom_01"
+    volume, geometry = read_image(str(phantom))
+    assert volume.shape == (48, 128, 160) and geometry.spacing == pytest.approx((0.9, 0.9, 3.0))
+    gapped = tmp_path / "gapped"
+    gapped.mkdir()
+    for i, path in enumerate(sorted(phantom.glob("*.dcm"))):
+        if i not in (20, 21):
+            shutil.copy(path, gapped / path.name)
+    with pytest.raises(ImageReadError, match=r"uneven slice spacing \(gaps from 3.00 to 9.00 mm"):
+        read_image(str(gapped))
+    tilted = DATA_ROOT / "dicom" / "gantry_tilt_ge"
+    if tilted.is_dir():
+        with pytest.raises(ImageReadError, match="gantry-tilted"):
+            read_image(str(tilted))
