@@ -145,6 +145,18 @@ class Server:
             return "(no log)"
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started (its process group only)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def running_server(work: Path, studies: Path | str, model_path: Path, extra_env: dict[str, str] | None = None):
     """``monailabel start_server`` with the Raps-3D app over ``studies`` (a folder or a DICOMweb URL), stopped (with
@@ -188,14 +200,7 @@ def running_server(work: Path, studies: Path | str, model_path: Path, extra_env:
         yield srv
     finally:
         # The server runs in its own process group (with any train/scoring subprocess): stop that group only.
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_process_group
 
 ORTHANC_START_TIMEOUT = 60  # seconds
 ORTHANC_USER, ORTHANC_PASSWORD = "raps3d", "test-only-password"
@@ -182,14 +183,7 @@ def running_orthanc(work: Path, auth: tuple[str, str] | None = (ORTHANC_USER, OR
         assert "dicom-web" in plugins, f"the DICOMweb plugin did not load:\n{server.log_tail()}"
         yield server
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 # -- test series ----------------------------------------------------------------------------------------------------
