@@ -14,9 +14,12 @@ stamp=.venv/.raps3d-installed
 want=$(cat requirements.txt lib/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     start=$(date +%s)
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -r requirements.txt
-    .venv/bin/python -m pip install --quiet --no-deps -e lib
+    quiet_pip() {  # pip's notes about unreadable local index folders are noise
+        .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+    }
+    quiet_pip install --quiet --upgrade pip
+    quiet_pip install --quiet -r requirements.txt
+    quiet_pip install --quiet --no-deps -e lib
     echo "$want" > "$stamp"
     echo "environment installed in $(( $(date +%s) - start )) s ($(du -sh .venv | cut -f1))"
 fi
