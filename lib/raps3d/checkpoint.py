@@ -27,6 +27,7 @@ def save_model(model: Raps3D, path: str | os.PathLike, meta: dict | None = None,
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a served model must be readable by the server's user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
