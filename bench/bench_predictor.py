@@ -27,7 +27,6 @@ import torch
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from raps3d import Engine, ImageState, InteractiveObject, load_model  # noqa: E402
 from raps3d.modeling import build_model  # noqa: E402

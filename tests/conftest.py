@@ -157,13 +157,29 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def wait_until_answering(process: subprocess.Popen, url: str, timeout: float, name: str, log_tail, auth=None) -> None:
+    """Wait for ``url`` to answer 200; fail the test with the server's log if it exits or stays silent."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with code {process.returncode}:\n{log_tail()}")
+        try:
+            if requests.get(url, auth=auth, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not answer within {timeout} s:\n{log_tail()}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_server(work: Path, studies: Path | str, model_path: Path, extra_env: dict[str, str] | None = None):
     """``monailabel start_server`` with the Raps-3D app over ``studies`` (a folder or a DICOMweb URL), stopped (with
     its process group) on exit. ``extra_env``: more environment variables for the server (e.g. MONAI Label settings).
     """
-    import requests
-
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAPS3D_", "MONAI_LABEL_"))}
     env.update({
@@ -184,19 +200,8 @@ def running_server(work: Path, studies: Path | str, model_path: Path, extra_env:
                                    start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", studies, log)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the MONAI Label server exited with code {process.returncode}:\n{srv.log_tail()}")
-            try:
-                if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the MONAI Label server did not answer within {SERVER_START_TIMEOUT} s:\n"
-                            f"{srv.log_tail()}")
-            time.sleep(0.5)
+        wait_until_answering(process, f"{srv.url}/info/", SERVER_START_TIMEOUT, "the MONAI Label server",
+                             srv.log_tail)
         yield srv
     finally:
         # The server runs in its own process group (with any train/scoring subprocess): stop that group only.

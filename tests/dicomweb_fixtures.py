@@ -29,13 +29,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import stop_process_group
+from conftest import stop_process_group, wait_until_answering
 
 ORTHANC_START_TIMEOUT = 60  # seconds
 ORTHANC_USER, ORTHANC_PASSWORD = "raps3d", "test-only-password"
@@ -167,18 +166,8 @@ def running_orthanc(work: Path, auth: tuple[str, str] | None = (ORTHANC_USER, OR
                                    start_new_session=True)
     server = Orthanc(f"http://127.0.0.1:{port}", log, auth)
     try:
-        deadline = time.monotonic() + ORTHANC_START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with code {process.returncode}:\n{server.log_tail()}")
-            try:
-                if requests.get(f"{server.url}/system", auth=auth, timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer within {ORTHANC_START_TIMEOUT} s:\n{server.log_tail()}")
-            time.sleep(0.2)
+        wait_until_answering(process, f"{server.url}/system", ORTHANC_START_TIMEOUT, "Orthanc", server.log_tail,
+                             auth=auth)
         plugins = requests.get(f"{server.url}/plugins", auth=auth, timeout=10).json()
         assert "dicom-web" in plugins, f"the DICOMweb plugin did not load:\n{server.log_tail()}"
         yield server

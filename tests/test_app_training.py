@@ -38,7 +38,7 @@ def wait_for_training(srv, timeout=900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = requests.get(f"{srv.url}/train/", timeout=30)
-        if r.status_code == 200 and r.json().get("status") not in ("RUNNING", "QUEUED"):
+        if r.status_code == 200 and r.json().get("status") not in ("SUBMITTED", "QUEUED", "RUNNING"):
             return r.json()
         time.sleep(2)
     pytest.fail("training did not finish in time:\n" + srv.log_tail())
