@@ -90,6 +90,21 @@ def test_logits_to_mask_is_the_thresholded_interpolation():
     assert (mask.astype(bool) != ref).sum() <= 2  # float rounding at exact zero crossings only
 
 
+@pytest.mark.parametrize("where", [(slice(2, 4), slice(5, 9), slice(3, 6)),    # inside
+                                   (slice(0, 1), slice(0, 3), slice(10, 12)),  # touching the edges
+                                   (slice(7, 8), slice(15, 16), slice(0, 1))])  # a single corner cell
+def test_logits_to_mask_of_a_local_structure_equals_the_dense_mask(where):
+    torch.manual_seed(0)
+    logits = -1 - torch.rand(8, 16, 12)
+    logits[where] = torch.randn(logits[where].shape).abs() + 0.1
+    size = (37, 50, 29)
+    mask = logits_to_mask(logits, size, slab=5)
+    ref = (logits_to_box(logits, size) > 0).numpy()
+    assert mask.shape == size and ref.any()
+    assert (mask.astype(bool) != ref).sum() <= 2
+    assert not logits_to_mask(-torch.ones(8, 16, 12), size).any()
+
+
 def test_box_roi_follows_the_box_in_plane_and_bounds_the_depth():
     from raps3d.roi import roi_for_box
 

@@ -85,3 +85,14 @@ def test_data_parallel_training_keeps_processes_in_step(cases, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     assert load_model(tmp_path / "m.pt")[1]["train_state"]["step"] == 2  # written once, by rank 0
+
+
+def test_dataset_weights_are_parsed_and_checked():
+    from raps3d.training.__main__ import parse_weights
+
+    assert parse_weights("openkbp=0.6, lidc=0.3,totalsegmentator=0.1") == {
+        "openkbp": 0.6, "lidc": 0.3, "totalsegmentator": 0.1}
+    for bad in ("openkbp", "openkbp=x", "=1", "openkbp=-1", "openkbp=0,lidc=0", ""):
+        with pytest.raises(SystemExit, match="--dataset-weights"):
+            parse_weights(bad)
+

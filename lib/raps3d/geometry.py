@@ -162,14 +162,30 @@ def logits_to_box(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32) -> np.ndarray:
     """``logits_to_box(logits, size) > 0`` as uint8, computed a few output slices at a time so the float
-    intermediate stays small (the mask of a large region is the hot path of every edit)."""
+    intermediate stays small (the mask of a large region is the hot path of every edit).
+
+    Only the output block that can be positive is computed: interpolation weights are non-negative, so a voxel
+    whose taps along some axis all read low-resolution slices without a positive logit cannot be positive.
+    """
+    out = np.zeros(tuple(int(n) for n in size), np.uint8)
+    positive = logits > 0
+    if not bool(positive.any()):
+        return out
+    block = []
+    for axis, (n_in, n_out) in enumerate(zip(logits.shape, size)):
+        m = _interp_matrix(n_in, n_out)
+        reads_positive = positive.any(dim=[a for a in range(3) if a != axis])
+        rows = torch.nonzero((m[:, reads_positive] > 0).any(1)).flatten()
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        block.append((m[start:stop], slice(start, stop)))
+    (mz, sz), (my, sy), (mx, sx) = block
     d = logits.shape[0]
-    mz, my, mx = (_interp_matrix(n, m) for n, m in zip(logits.shape, size))
     plane = (my @ (logits.float() @ mx.T)).reshape(d, -1)  # (d, Y * X): in-plane first, it is the small side
-    out = torch.empty((len(mz), plane.shape[1]), dtype=torch.bool)
+    part = torch.empty((len(mz), plane.shape[1]), dtype=torch.bool)
     for z in range(0, len(mz), slab):
-        torch.gt(mz[z:z + slab] @ plane, 0, out=out[z:z + slab])
-    return out.numpy().view(np.uint8).reshape(len(mz), len(my), len(mx))
+        torch.gt(mz[z:z + slab] @ plane, 0, out=part[z:z + slab])
+    out[sz, sy, sx] = part.numpy().reshape(len(mz), len(my), len(mx))
+    return out
 
 
 def remap_logits(logits: torch.Tensor, src: Frame, dst: Frame) -> torch.Tensor:

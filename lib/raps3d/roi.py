@@ -13,6 +13,8 @@ MARGIN_MM = 6.0
 # The zoom-in never looks at less than this (mm), so small targets keep some context.
 MIN_SIZE_MM = 40.0
 MIN_SIZE_VOXELS = 8
+# A box prompt's zoom-in reaches at most this many times half the box's in-plane size above and below its slice.
+BOX_DEPTH_LIMIT = 2.0
 
 
 def margins(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -79,7 +81,7 @@ def roi_for_box(logits: np.ndarray, frame: Frame, z: int, low_yx, high_yx, spaci
             bottom += 1
         run_low = grid.to_volume(np.array([[top - 0.5, 0, 0]]))[0, 0]
         run_high = grid.to_volume(np.array([[bottom + 0.5, 0, 0]]))[0, 0]
-        z_low = max(min(z_low, run_low), z - 2 * half)
-        z_high = min(max(z_high, run_high), z + 2 * half)
+        z_low = max(min(z_low, run_low), z - BOX_DEPTH_LIMIT * half)
+        z_high = min(max(z_high, run_high), z + BOX_DEPTH_LIMIT * half)
     low, high = np.array([z_low, y0, x0], float), np.array([z_high, y1, x1], float)
     return Box.from_extent(low, high, margins(high - low, spacing), min_size(spacing, shape), shape)

@@ -17,6 +17,23 @@ from .train import TrainConfig, train
 from .validation import fixed_samples, quick_dice
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """'openkbp=0.6,lidc=0.3' -> {'openkbp': 0.6, 'lidc': 0.3}"""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not name.strip() or weight < 0:
+            raise SystemExit(f"--dataset-weights: expected name=weight (weight >= 0), got {part!r}")
+        weights[name.strip()] = weight
+    if not weights or sum(weights.values()) <= 0:
+        raise SystemExit("--dataset-weights: at least one dataset needs a positive weight")
+    return weights
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="lite", help="model configuration for a new model (lite or segvol)")
@@ -30,7 +47,11 @@ def main(argv=None) -> None:
     p.add_argument("--val-samples", type=int, default=48)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
+    p.add_argument("--dataset-weights", default="openkbp=0.45,lidc=0.3,totalsegmentator=0.25",
+                   help="how often each dataset is drawn, as name=weight pairs")
     args = p.parse_args(argv)
+    weights = parse_weights(args.dataset_weights)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -58,8 +79,10 @@ def main(argv=None) -> None:
         "hardware": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
                     f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
     })
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every)
-    meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume, meta=meta)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
+                      seed=args.seed)
+    meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
+                 dataset_weights=weights, meta=meta)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
 
 
