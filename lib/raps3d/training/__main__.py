@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import load_model, read_checkpoint
 from ..modeling import build_model
 from .data import data_root, training_cases, validation_cases
-from .train import TrainConfig, train
+from .train import DATASET_WEIGHTS, TrainConfig, train
 from .validation import fixed_samples, quick_dice
 
 
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
-    p.add_argument("--dataset-weights", default="openkbp=0.45,lidc=0.3,totalsegmentator=0.25",
+    p.add_argument("--dataset-weights", default=",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()),
                    help="how often each dataset is drawn, as name=weight pairs")
     args = p.parse_args(argv)
     weights = parse_weights(args.dataset_weights)

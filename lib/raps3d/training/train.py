@@ -26,6 +26,10 @@ from .data import Case
 from .sampling import Sample, make_sample
 
 
+# How often each dataset is drawn (a dataset not named here: weight 1).
+DATASET_WEIGHTS = {"openkbp": 0.45, "lidc": 0.3, "totalsegmentator": 0.25}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -190,7 +194,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    weights = dataset_weights or {"openkbp": 0.45, "lidc": 0.3, "totalsegmentator": 0.25}
+    weights = dataset_weights or DATASET_WEIGHTS
     meta = dict(meta or {})
     lead = rank == 0
     t0, running = time.perf_counter(), []
