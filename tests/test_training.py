@@ -57,6 +57,19 @@ def test_simulated_clicks_follow_the_protocol():
     assert corrective_click(ref, ref) is None
 
 
+def test_centre_point_matches_the_full_grid_distance_transform():
+    from scipy import ndimage
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        mask = ndimage.binary_dilation(rng.random((12, 20, 24)) > 0.97, iterations=int(rng.integers(1, 4)))
+        mask[:, :, :int(rng.integers(0, 10))] = False  # some masks touch the grid's edge, some do not
+        if not mask.any():
+            continue
+        full = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+        expected = np.unravel_index(int(np.argmax(full)), mask.shape)
+        assert tuple(centre_point(mask).astype(int)) == expected
+
+
 def _distributed_worker(rank, world, port, cases, out, result_dir):
     import torch.distributed as dist
 
