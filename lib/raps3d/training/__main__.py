@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import load_model, read_checkpoint
 from ..modeling import build_model
 from .data import data_root, training_cases, validation_cases
+from .packed import load_packed
 from .train import DATASET_WEIGHTS, TrainConfig, train
 from .validation import fixed_samples, quick_dice
 
@@ -48,6 +49,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
+    p.add_argument("--packed", help="read the cases from this file (written by raps3d.training.packed) instead of "
+                                     "the data folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    p.add_argument("--workers", type=int, default=0, help="processes drawing training samples (0: none)")
     p.add_argument("--dataset-weights", default=",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()),
                    help="how often each dataset is drawn, as name=weight pairs")
     args = p.parse_args(argv)
@@ -66,21 +71,30 @@ def main(argv=None) -> None:
         meta = {"init": str(args.init)}
     else:
         model, meta = build_model(args.config), {}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the ViT's matrix products: TF32 is ample for training
+    model.to(device)
     t = time.perf_counter()
-    cases = training_cases(args.limit)
-    val = validation_cases(args.limit)
-    print(f"data from {data_root()}: {len(cases)} training cases, {len(val)} validation cases, "
-          f"loaded in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.packed:
+        splits = load_packed(args.packed)
+        cases, val = splits.get("training", []), splits.get("validation", [])
+        source = args.packed
+    else:
+        cases, val = training_cases(args.limit), validation_cases(args.limit)
+        source = data_root()
+    print(f"data from {source}: {len(cases)} training cases, {len(val)} validation cases, "
+          f"loaded in {time.perf_counter() - t:.0f} s; training on {device}", flush=True)
     val_samples = fixed_samples(val, model.config, args.val_samples)
     meta.update({
         "data": {"training": sorted({c.dataset for c in cases}), "training_cases": len(cases),
                  "validation_cases": len(val)},
         "command": "python -m raps3d.training " + " ".join(argv or __import__("sys").argv[1:]),
-        "hardware": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "hardware": (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                     f"{platform.processor() or platform.machine()} CPU, torch threads {torch.get_num_threads()}"),
     })
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
-                      seed=args.seed)
+                      seed=args.seed, workers=args.workers)
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
                  dataset_weights=weights, meta=meta)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)

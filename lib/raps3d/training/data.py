@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 MIN_STRUCTURE_VOXELS = 20
@@ -35,6 +34,8 @@ class Case:
 
 
 def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:
+    import SimpleITK as sitk  # here, so that packed data (training.packed) trains where no image reader is installed
+
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 

@@ -14,6 +14,18 @@ from .clicks import random_interior_point, slice_box
 from .data import Case
 
 
+# Intensity augmentation: the HU window's centre moves by up to this many HU, its width scales within this range.
+WINDOW_SHIFT_HU = 30.0
+WINDOW_SCALE = (0.9, 1.1)
+
+
+def augmented_hu_range() -> tuple[float, float]:
+    """The HU range that any augmented window can see: every window clips values beyond it."""
+    centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
+    half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * WINDOW_SCALE[1]
+    return centre - half - WINDOW_SHIFT_HU, centre + half + WINDOW_SHIFT_HU
+
+
 @dataclass
 class Sample:
     image: np.ndarray  # (D, H, W) in [0, 1]
@@ -46,7 +58,7 @@ def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Gener
     volume = case.volume
     window = HU_WINDOW
     if rng.random() < 0.5:  # intensity augmentation: shift/scale of the HU window
-        shift, scale = rng.uniform(-30, 30), rng.uniform(0.9, 1.1)
+        shift, scale = rng.uniform(-WINDOW_SHIFT_HU, WINDOW_SHIFT_HU), rng.uniform(*WINDOW_SCALE)
         centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
         half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * scale
         window = (centre - half + shift, centre + half + shift)

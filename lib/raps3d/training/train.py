@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
+    workers: int = 0  # processes drawing samples while the model trains (0: draw them between steps)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,33 @@ def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, da
         if sample is not None:
             out.append(sample)
     return out
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless batches of samples; each worker process draws from its own random stream."""
+
+    def __init__(self, cases: list[Case], config, batch_size: int, seed: list[int], dataset_weights: dict):
+        self.cases, self.config, self.batch_size = cases, config, batch_size
+        self.seed, self.dataset_weights = seed, dataset_weights
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([*self.seed, worker.id if worker else 0])
+        while True:
+            yield pick_samples(self.cases, self.batch_size, self.config, rng, self.dataset_weights)
+
+
+def _as_is(batch):
+    return batch
+
+
+def sample_batches(stream: SampleStream, workers: int):
+    """Iterate ``stream`` here, or in ``workers`` forked processes (they share the cases' memory)."""
+    if workers == 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=4, multiprocessing_context="fork")
+    return iter(loader)
 
 
 def collate_prompts(coords: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +211,9 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         elapsed0 = resume.get("seconds", 0.0)
         history = resume.get("history", [])
     rng = np.random.default_rng([cfg.seed, step0, rank])
+    weights = dataset_weights or DATASET_WEIGHTS
+    batches = sample_batches(SampleStream(cases, model.config, cfg.batch_size, [cfg.seed, step0, rank, 1], weights),
+                             cfg.workers)
     torch.manual_seed(cfg.seed)
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
@@ -194,14 +225,13 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    weights = dataset_weights or DATASET_WEIGHTS
     meta = dict(meta or {})
     lead = rank == 0
     t0, running = time.perf_counter(), []
     model.train()
     step = step0
     for step in range(step0 + 1, cfg.steps + 1):
-        samples = pick_samples(cases, cfg.batch_size, model.config, rng, weights)
+        samples = next(batches)
         loss, info = train_step(model, samples, rng, cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
