@@ -77,6 +77,8 @@ def main(argv=None) -> None:
     model.to(device)
     t = time.perf_counter()
     if args.packed:
+        if not Path(args.packed).is_file():
+            raise SystemExit(f"--packed: no file at {args.packed}")
         splits = load_packed(args.packed)
         cases, val = splits.get("training", []), splits.get("validation", [])
         source = args.packed
