@@ -7,9 +7,12 @@ of the first and the last prediction.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -132,6 +135,12 @@ def grid_to_input(points: np.ndarray, mask_shape, input_shape) -> np.ndarray:
     return (points + 0.5) * np.asarray(input_shape) / np.asarray(mask_shape) - 0.5
 
 
+@functools.lru_cache(maxsize=1)
+def _click_pool() -> ThreadPoolExecutor:
+    """Threads for the simulated clicks of a batch: scipy's labelling and distance transform release the GIL."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="clicks")
+
+
 def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
                ) -> tuple[torch.Tensor, dict]:
     cfg = model.config
@@ -156,8 +165,8 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
         return first_loss, {"first": float(first_loss.detach()), "clicks": 0}
     for k in range(n_clicks):
         pred = (logits_prev > 0).cpu().numpy()
-        for i in range(len(samples)):
-            click = corrective_click(pred[i], samples[i].target)
+        clicks = _click_pool().map(corrective_click, list(pred), [s.target for s in samples])
+        for i, click in enumerate(clicks):
             if click is not None:
                 point, positive = click
                 coords[i] = np.concatenate([coords[i], grid_to_input(point, cfg.mask_shape, cfg.input_shape)[None]])
@@ -227,11 +236,13 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     meta = dict(meta or {})
     lead = rank == 0
-    t0, running = time.perf_counter(), []
+    t0, running, waited = time.perf_counter(), [], 0.0
     model.train()
     step = step0
     for step in range(step0 + 1, cfg.steps + 1):
+        t_wait = time.perf_counter()
         samples = next(batches)
+        waited += time.perf_counter() - t_wait
         loss, info = train_step(model, samples, rng, cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,9 +252,10 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         sched.step()
         running.append(float(loss.detach()))
         if lead and (step % cfg.log_every == 0 or step == cfg.steps):
+            # sample_wait: seconds per step spent waiting for samples (the rest is the model and the clicks)
             entry = {"step": step, "loss": float(np.mean(running)), "lr": sched.get_last_lr()[0],
-                     "seconds": elapsed0 + time.perf_counter() - t0}
-            running = []
+                     "seconds": elapsed0 + time.perf_counter() - t0, "sample_wait": waited / len(running)}
+            running, waited = [], 0.0
             if validate is not None and (step % cfg.save_every == 0 or step == cfg.steps):
                 model.eval()
                 entry["val_dice"] = validate(model)
