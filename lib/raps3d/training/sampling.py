@@ -19,11 +19,16 @@ WINDOW_SHIFT_HU = 30.0
 WINDOW_SCALE = (0.9, 1.1)
 
 
+def shifted_window(shift: float, scale: float) -> tuple[float, float]:
+    """The HU window with its centre moved by ``shift`` HU and its width scaled by ``scale``."""
+    centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
+    half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * scale
+    return centre - half + shift, centre + half + shift
+
+
 def augmented_hu_range() -> tuple[float, float]:
     """The HU range that any augmented window can see: every window clips values beyond it."""
-    centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
-    half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * WINDOW_SCALE[1]
-    return centre - half - WINDOW_SHIFT_HU, centre + half + WINDOW_SHIFT_HU
+    return (shifted_window(-WINDOW_SHIFT_HU, WINDOW_SCALE[1])[0], shifted_window(WINDOW_SHIFT_HU, WINDOW_SCALE[1])[1])
 
 
 @dataclass
@@ -58,10 +63,7 @@ def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Gener
     volume = case.volume
     window = HU_WINDOW
     if rng.random() < 0.5:  # intensity augmentation: shift/scale of the HU window
-        shift, scale = rng.uniform(-WINDOW_SHIFT_HU, WINDOW_SHIFT_HU), rng.uniform(*WINDOW_SCALE)
-        centre = (HU_WINDOW[0] + HU_WINDOW[1]) / 2
-        half = (HU_WINDOW[1] - HU_WINDOW[0]) / 2 * scale
-        window = (centre - half + shift, centre + half + shift)
+        window = shifted_window(rng.uniform(-WINDOW_SHIFT_HU, WINDOW_SHIFT_HU), rng.uniform(*WINDOW_SCALE))
     image = resample_box(volume, box, config.input_shape, window=window)
     target = resample_box(mask.astype(np.float32), box, config.mask_shape) > 0.5
     if not target.any():
