@@ -65,13 +65,17 @@ def test_sample_workers_draw_different_samples(splits):
     assert not np.array_equal(first[0].image, second[0].image)
 
 
+def _training_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m raps3d.training ARGS`` in a fresh process that sees only the library."""
+    return subprocess.run([sys.executable, "-m", "raps3d.training", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT / "lib"), "PATH": "/usr/bin:/bin"})
+
+
 def test_training_command_on_a_packed_file(packed, tmp_path):
     out = tmp_path / "model.pt"
-    cmd = [sys.executable, "-m", "raps3d.training", "--packed", str(packed), "--out", str(out), "--steps", "4",
-           "--batch-size", "2", "--workers", "2", "--device", "cpu", "--save-every", "2", "--val-samples", "2",
-           "--threads", "2"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={"PYTHONPATH": str(ROOT / "lib"), "PATH": "/usr/bin:/bin"})
+    done = _training_command("--packed", str(packed), "--out", str(out), "--steps", "4", "--batch-size", "2",
+                             "--workers", "2", "--device", "cpu", "--save-every", "2", "--val-samples", "2",
+                             "--threads", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 training cases, 3 validation cases" in done.stdout and "training on cpu" in done.stdout
     last = json.loads(done.stdout.strip().splitlines()[-1])
@@ -82,7 +86,5 @@ def test_training_command_on_a_packed_file(packed, tmp_path):
 
 
 def test_training_command_explains_a_missing_packed_file(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "raps3d.training", "--packed", str(tmp_path / "none.npz"),
-                           "--out", str(tmp_path / "m.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT / "lib"), "PATH": "/usr/bin:/bin"})
+    done = _training_command("--packed", str(tmp_path / "none.npz"), "--out", str(tmp_path / "m.pt"))
     assert done.returncode != 0 and "--packed: no file at" in done.stderr

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
     p.add_argument("--packed", help="read the cases from this file (written by raps3d.training.packed) instead of "
-                                     "the data folder")
+                                     "the data folder; --limit then applies when packing")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--workers", type=int, default=0, help="processes drawing training samples (0: none)")
     p.add_argument("--dataset-weights", default=",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()),
