@@ -121,3 +121,16 @@ def test_box_roi_follows_the_box_in_plane_and_bounds_the_depth():
     logits[:] = -1  # no zoom-out mask: the depth from the box's size alone
     roi = roi_for_box(logits, frame, 50, (70, 70), (110, 110), spacing, shape)
     assert 50 - 10.25 - 10 <= roi.start[0] <= 50 - 10 and 50 + 10 < roi.stop[0] <= 50 + 10.25 + 11
+
+
+def test_mask_covers_tells_whether_the_coarse_mask_reaches_the_prompt():
+    from raps3d.roi import mask_covers
+
+    shape = (100, 200, 200)
+    frame = Frame(Box((0, 0, 0), shape), (32, 128, 128))
+    logits = -np.ones((32, 64, 64), np.float32)
+    logits[10:20, 20:40, 20:40] = 1  # volume voxels z 31..62, y and x 62..124
+    assert mask_covers(logits, frame, np.array([[40.0, 90.0, 90.0]]))
+    assert mask_covers(logits, frame, np.array([[5.0, 5.0, 5.0], [45.0, 100.0, 70.0]]))  # one seed is enough
+    assert not mask_covers(logits, frame, np.array([[40.0, 150.0, 90.0], [80.0, 90.0, 90.0]]))
+    assert not mask_covers(-logits * 0 - 1, frame, np.array([[40.0, 90.0, 90.0]]))

@@ -13,11 +13,14 @@ from raps3d.training.evaluate import evaluate_structure
 MODEL = Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"
 # Measured for the shipped checkpoint (see model/README.md): on the first 8 held-out nodules, box Dice 0.86 and
 # point Dice 0.85 (0.86 after 3 corrective clicks); box Dice 0.72 on the parotid glands of the first 3 OpenKBP
-# validation patients. The bounds leave room for small numerical changes.
+# validation patients; on the brainstem of those patients, point Dice 0.69 (0.21 before the predictor looked at an
+# intermediate scale when the zoom-out mask misses a small structure). The bounds leave room for small numerical
+# changes.
 MIN_NODULE_BOX_DICE = 0.75
 MIN_NODULE_POINT_DICE = 0.75
 MIN_NODULE_POINT_DICE_AFTER_EDITS = 0.78
 MIN_PAROTID_BOX_DICE = 0.62
+MIN_BRAINSTEM_POINT_DICE = 0.55
 
 
 def _dices(engine, cases, structures=None, prompt="box"):
@@ -61,6 +64,14 @@ def test_held_out_parotid_glands_from_a_box(engine):
         pytest.skip(f"real CT not found under {data_root()} (set RAPS3D_DATA)")
     dices = _dices(engine, openkbp_cases("validation", limit=3), {"LeftParotid", "RightParotid"})[:, 0]
     assert len(dices) == 6 and np.mean(dices) >= MIN_PAROTID_BOX_DICE, dices
+
+
+def test_held_out_brainstem_from_a_point(engine):
+    # The brainstem hardly shows in the zoom-out view of a head-and-neck CT: this is the intermediate pass's case.
+    if not (data_root() / "openkbp" / "validation").exists():
+        pytest.skip(f"real CT not found under {data_root()} (set RAPS3D_DATA)")
+    dices = _dices(engine, openkbp_cases("validation", limit=3), {"Brainstem"}, prompt="point")[:, 0]
+    assert len(dices) == 3 and np.mean(dices) >= MIN_BRAINSTEM_POINT_DICE, dices
 
 
 def test_model_card_matches_the_checkpoint(engine):

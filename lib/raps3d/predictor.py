@@ -3,7 +3,8 @@
 All coordinates here are voxel indices in array order (z, y, x) = (slice, row, column) of the volume as given.
 
 A first prompt runs the zoom-out pass (the whole volume resized to the network input), derives a region of interest
-from its mask, and runs the zoom-in pass on that region. Each later point is an edit: it is decoded together with all
+from its mask, and runs the zoom-in pass on that region. When the zoom-out mask misses the prompt (a structure too
+small for the whole-volume view), an intermediate pass on a cube around the prompt sets the region instead. Each later point is an edit: it is decoded together with all
 earlier prompts and the current mask. An edit inside the zoom-in region reuses that region's image features (decoder
 only); an edit outside grows the region, encodes once more, and continues from the current mask.
 """
@@ -21,12 +22,15 @@ from .engine import Engine
 from .errors import ImageError, PromptError
 from .geometry import Box, Frame, logits_to_mask, remap_logits
 from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
-from .roi import expand_roi, roi_for_box, roi_from_mask
+from .roi import expand_roi, mask_covers, roi_for_box, roi_from_mask
 
 # Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
 FEATURE_CACHE_SIZE = 2
 # A point's zoom-in region is tightened once when its mask fills less than this fraction of it (by box volume).
 TIGHTEN_RATIO = 0.35
+# When the zoom-out mask misses the prompt (a structure too small to show in the whole-volume view), one more pass
+# looks at a cube of this side (mm) around the prompt, and its mask sets the zoom-in region instead.
+MID_ZOOM_MM = 96.0
 
 
 class ImageState:
@@ -263,27 +267,34 @@ class InteractiveObject:
         coords, labels = prompts.coords_labels()
         feats, zoom_out_cached = image.zoom_out_features()
         t1 = time.perf_counter()
-        logits_out, _ = self.engine.decode(feats, image.frame.to_frame(coords), labels, None, prompts.ambiguous)
+        coarse_frame = image.frame
+        coarse, _ = self.engine.decode(feats, coarse_frame.to_frame(coords), labels, None, prompts.ambiguous)
         positive = coords[labels != NEGATIVE]
+        seeds = positive
+        if prompts.box is not None:
+            b = prompts.box
+            ys, xs = np.meshgrid(np.linspace(b.y0, b.y1, 5), np.linspace(b.x0, b.x1, 5), indexing="ij")
+            seeds = np.concatenate([positive, np.stack([np.full(ys.size, b.z), ys.ravel(), xs.ravel()], 1)])
+        t2 = time.perf_counter()
+        mid_frame = None if mask_covers(coarse.numpy(), coarse_frame, seeds) else self._mid_frame(seeds)
+        if mid_frame is not None:
+            mid_feats = self.engine.encode(image.volume, mid_frame)
+            coarse, _ = self.engine.decode(mid_feats, mid_frame.to_frame(coords), labels, None, prompts.ambiguous)
+            coarse_frame = mid_frame
+        t3 = time.perf_counter()
         if prompts.box is not None and len(prompts.points) == 0:
             b = prompts.box
-            roi = roi_for_box(logits_out.numpy(), image.frame, b.z, (b.y0, b.x0), (b.y1, b.x1), image.spacing,
+            roi = roi_for_box(coarse.numpy(), coarse_frame, b.z, (b.y0, b.x0), (b.y1, b.x1), image.spacing,
                               image.shape)
         else:
-            seeds = positive
-            if prompts.box is not None:
-                b = prompts.box
-                ys, xs = np.meshgrid(np.linspace(b.y0, b.y1, 5), np.linspace(b.x0, b.x1, 5), indexing="ij")
-                seeds = np.concatenate([positive, np.stack([np.full(ys.size, b.z), ys.ravel(), xs.ravel()], 1)])
-            roi = roi_from_mask(logits_out.numpy(), image.frame, positive.min(0), positive.max(0), seeds,
+            roi = roi_from_mask(coarse.numpy(), coarse_frame, positive.min(0), positive.max(0), seeds,
                                 image.spacing, image.shape)
             if prompts.box is not None:
                 roi = roi.union(self._box_depth_extent(prompts.box))
-        t2 = time.perf_counter()
         frame = Frame(roi, self.engine.config.input_shape)
         self._features.clear()
         feats_in, _ = self._roi_features(frame)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
         if prompts.box is None:
             # A point says nothing of size: when the zoom-in mask fills only a small part of a region found by a
@@ -296,10 +307,20 @@ class InteractiveObject:
                 logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
         result = self._result(frame, logits, iou, changed=roi if self._state.frame is None
                               else roi.union(self._state.frame.box), cache_hit=False)
-        t4 = time.perf_counter()
+        t5 = time.perf_counter()
         result.timings = {"zoom_out_encode": t1 - t0, "zoom_out_cached": zoom_out_cached, "zoom_out_decode": t2 - t1,
-                          "zoom_in_encode": t3 - t2, "zoom_in_decode_paste": t4 - t3, "total": t4 - t0}
+                          "mid_zoom": t3 - t2, "zoom_in_encode": t4 - t3, "zoom_in_decode_paste": t5 - t4,
+                          "total": t5 - t0}
         return _State(prompts, frame, logits, result)
+
+    def _mid_frame(self, seeds: np.ndarray) -> Frame | None:
+        """The intermediate view around the prompts' seeds (None when it would be the whole volume again)."""
+        image = self.image
+        size = np.ceil(MID_ZOOM_MM / image.spacing)
+        box = Box.from_extent(seeds.min(0), seeds.max(0), np.zeros(3), np.minimum(size, image.shape), image.shape)
+        if box == image.frame.box:
+            return None
+        return Frame(box, self.engine.config.input_shape)
 
     def _box_depth_extent(self, box: SliceBox) -> Box:
         """A slice box says nothing of depth: look at least half its larger in-plane size (mm) above and below."""

@@ -25,6 +25,14 @@ def min_size(spacing: np.ndarray, shape) -> np.ndarray:
     return np.minimum(np.maximum(np.ceil(MIN_SIZE_MM / spacing), MIN_SIZE_VOXELS), shape).astype(int)
 
 
+def mask_covers(logits: np.ndarray, frame: Frame, seeds_zyx: np.ndarray) -> bool:
+    """Whether the mask of low-resolution ``logits`` over ``frame`` is positive at any of ``seeds_zyx`` (voxels)."""
+    fg = logits > 0
+    grid = Frame(frame.box, fg.shape)
+    seeds = np.clip(np.rint(grid.to_frame(seeds_zyx)).astype(int), 0, np.asarray(fg.shape) - 1)
+    return bool(fg[tuple(seeds.T)].any())
+
+
 def roi_from_mask(logits: np.ndarray, frame: Frame, prompt_low: np.ndarray, prompt_high: np.ndarray,
                   seeds_zyx: np.ndarray, spacing, shape) -> Box:
     """The zoom-in box: the components of the zoom-out mask that touch a prompt, joined with the prompts' extent
