@@ -134,3 +134,15 @@ def test_mask_covers_tells_whether_the_coarse_mask_reaches_the_prompt():
     assert mask_covers(logits, frame, np.array([[5.0, 5.0, 5.0], [45.0, 100.0, 70.0]]))  # one seed is enough
     assert not mask_covers(logits, frame, np.array([[40.0, 150.0, 90.0], [80.0, 90.0, 90.0]]))
     assert not mask_covers(-logits * 0 - 1, frame, np.array([[40.0, 90.0, 90.0]]))
+
+
+def test_logits_to_mask_applies_a_threshold():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 16, 12) * 3
+    size = (37, 50, 29)
+    for t in (-1.5, 0.0, 2.0):
+        mask = logits_to_mask(logits, size, threshold=t).astype(bool)
+        ref = (logits_to_box(logits, size) > t).numpy()
+        assert (mask != ref).sum() <= 2, t
+    low, zero = logits_to_mask(logits, size, threshold=-1.5), logits_to_mask(logits, size)
+    assert low.sum() > zero.sum() and not (zero & (1 - low)).any()  # a lower threshold only adds voxels

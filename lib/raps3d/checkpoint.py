@@ -54,6 +54,7 @@ def load_model(path: str | os.PathLike) -> tuple[Raps3D, dict]:
     model = Raps3D(ModelConfig.from_dict(payload["config"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "mask_threshold"]  # older checkpoints: the default threshold, 0
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its configuration: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

@@ -24,6 +24,7 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.bf16 = bf16
+        self.mask_threshold = float(model.mask_threshold)
         self._lock = threading.Lock()
 
     def _autocast(self):

@@ -160,15 +160,17 @@ def logits_to_box(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return (mz @ x.reshape(d, -1)).reshape(len(mz), len(my), len(mx))
 
 
-def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32) -> np.ndarray:
-    """``logits_to_box(logits, size) > 0`` as uint8, computed a few output slices at a time so the float
+def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32, threshold: float = 0.0
+                   ) -> np.ndarray:
+    """``logits_to_box(logits, size) > threshold`` as uint8, computed a few output slices at a time so the float
     intermediate stays small (the mask of a large region is the hot path of every edit).
 
-    Only the output block that can be positive is computed: interpolation weights are non-negative, so a voxel
-    whose taps along some axis all read low-resolution slices without a positive logit cannot be positive.
+    Only the output block that can be positive is computed: interpolation weights are non-negative and sum to 1, so
+    a voxel whose taps along some axis all read low-resolution slices without a logit above the threshold cannot be
+    above it.
     """
     out = np.zeros(tuple(int(n) for n in size), np.uint8)
-    positive = logits > 0
+    positive = logits > threshold
     if not bool(positive.any()):
         return out
     block = []
@@ -183,7 +185,7 @@ def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32) ->
     plane = (my @ (logits.float() @ mx.T)).reshape(d, -1)  # (d, Y * X): in-plane first, it is the small side
     part = torch.empty((len(mz), plane.shape[1]), dtype=torch.bool)
     for z in range(0, len(mz), slab):
-        torch.gt(mz[z:z + slab] @ plane, 0, out=part[z:z + slab])
+        torch.gt(mz[z:z + slab] @ plane, threshold, out=part[z:z + slab])
     out[sz, sy, sx] = part.numpy().reshape(len(mz), len(my), len(mx))
     return out
 

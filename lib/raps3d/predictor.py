@@ -350,5 +350,5 @@ class InteractiveObject:
         return _State(prompts, frame, logits, result)
 
     def _result(self, frame: Frame, logits: torch.Tensor, iou: float, changed: Box, cache_hit: bool) -> Result:
-        mask = logits_to_mask(logits, frame.box.size)
+        mask = logits_to_mask(logits, frame.box.size, threshold=self.engine.mask_threshold)
         return Result(mask, frame.box, changed, self.image.shape, cache_hit, iou)

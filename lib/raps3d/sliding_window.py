@@ -42,4 +42,4 @@ def sliding_window_zoom_in(obj: InteractiveObject, prompts: Prompts, roi: Box, o
         dst = tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, roi.start))
         acc[dst] += part[src]
         count[dst] += 1
-    return ((acc / count.clamp(min=1)) > 0).numpy().astype(np.uint8)
+    return ((acc / count.clamp(min=1)) > engine.mask_threshold).numpy().astype(np.uint8)

@@ -73,6 +73,9 @@ class Raps3D(nn.Module):
                                             config.mask_shape)
         self.mask_decoder = MaskDecoder(config.prompt_dim, config.decoder_depth, config.decoder_heads,
                                         config.decoder_mlp_dim, config.mask_upscale)
+        # The logit above which a voxel belongs to the mask. 0 after training; a calibration on training cases
+        # (raps3d.training.calibrate) may lower it for a model that under-segments. Saved with the weights.
+        self.register_buffer("mask_threshold", torch.zeros(()))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, *input_shape) in [0, 1] -> image features (B, prompt_dim, *grid_shape)."""
