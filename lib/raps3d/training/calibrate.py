@@ -3,7 +3,8 @@
 A model trained with Dice + BCE on small structures tends to under-segment: the logit that best separates its
 masks from the background can lie below 0. This command runs the paper's protocol (a box and a point, then corrective
 clicks) on training volumes for a few candidate thresholds and stores the one with the best mean Dice in the
-checkpoint. Only training cases are used, so the held-out evaluation stays untouched.
+checkpoint. Only training cases are used, so the held-out evaluation stays untouched. Training from a checkpoint
+(``--init``, the app's train task) keeps its threshold: run this again after a long training run.
 
     python -m raps3d.training.calibrate --model model/raps3d_lite.pt --out model/raps3d_lite.pt
 """
