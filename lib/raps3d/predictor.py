@@ -4,9 +4,10 @@ All coordinates here are voxel indices in array order (z, y, x) = (slice, row, c
 
 A first prompt runs the zoom-out pass (the whole volume resized to the network input), derives a region of interest
 from its mask, and runs the zoom-in pass on that region. When the zoom-out mask misses the prompt (a structure too
-small for the whole-volume view), an intermediate pass on a cube around the prompt sets the region instead. Each later point is an edit: it is decoded together with all
-earlier prompts and the current mask. An edit inside the zoom-in region reuses that region's image features (decoder
-only); an edit outside grows the region, encodes once more, and continues from the current mask.
+small for the whole-volume view), an intermediate pass on a cube around the prompt sets the region instead. Each
+later point is an edit: it is decoded together with all earlier prompts and the current mask. An edit inside the
+zoom-in region reuses that region's image features (decoder only); an edit outside grows the region, encodes once
+more, and continues from the current mask.
 """
 
 from __future__ import annotations
