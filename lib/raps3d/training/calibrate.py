@@ -62,9 +62,9 @@ def main(argv=None) -> None:
         raise SystemExit("no training cases found: set RAPS3D_DATA to the real CT folder")
     best, scores = calibrate(Engine(model), cases, candidates)
     model.mask_threshold.fill_(best)
+    command = " ".join(["python -m raps3d.training.calibrate", *(sys.argv[1:] if argv is None else argv)])
     meta = {**meta, "calibration": {"mask_threshold": best, "scores": {str(k): v for k, v in scores.items()},
-                                    "cases": [c.name for c in cases], "command": " ".join(
-                                        ["python -m raps3d.training.calibrate", *(sys.argv[1:] if argv is None else argv)])}}
+                                    "cases": [c.name for c in cases], "command": command}}
     save_model(model, args.out, meta)
     print(json.dumps({"mask_threshold": best, "out": args.out}))
 
