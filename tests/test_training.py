@@ -109,3 +109,22 @@ def test_dataset_weights_are_parsed_and_checked():
         with pytest.raises(SystemExit, match="--dataset-weights"):
             parse_weights(bad)
 
+
+
+def test_intermediate_view_samples_are_cubes_around_the_structure(cases):
+    from raps3d.predictor import MID_ZOOM_MM
+    from raps3d.training.sampling import make_sample, mid_zoom_box
+
+    case = cases[0]
+    mask = case.structures["Brainstem"]
+    rng = np.random.default_rng(0)
+    expected = np.minimum(np.ceil(MID_ZOOM_MM / np.asarray(case.spacing)), mask.shape).astype(int)
+    boxes = [mid_zoom_box(mask, case.spacing, rng) for _ in range(20)]
+    for box in boxes:
+        assert box.size == tuple(expected) and mask[box.slices].any()
+    assert len({b.start for b in boxes}) > 5  # the cube moves around the structure
+    config = build_model("lite").config
+    sample = make_sample(case, "Brainstem", config, rng, zoom_out_fraction=0.0, mid_zoom_fraction=1.0)
+    assert sample is not None and sample.target.shape == config.mask_shape and sample.target.any()
+    # the brainstem fills a small part of the cube (it fills most of a zoom-in crop)
+    assert sample.target.mean() < 0.1

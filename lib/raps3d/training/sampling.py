@@ -1,5 +1,6 @@
 """Training samples: a frame (zoom-out: the whole volume; zoom-in: a crop around the structure with random margin,
-shift and some truncation), its image, the structure's mask on the decoder's grid, and a first prompt."""
+shift and some truncation; optionally the predictor's intermediate view, a cube around the structure), its image,
+the structure's mask on the decoder's grid, and a first prompt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from ..geometry import Box, Frame, HU_WINDOW, resample_box
 from ..modeling import BOX_MAX, BOX_MIN, POSITIVE, ModelConfig
+from ..predictor import MID_ZOOM_MM
 from ..roi import min_size
 from .clicks import random_interior_point, slice_box
 from .data import Case
@@ -51,11 +53,27 @@ def zoom_in_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
     return Box.from_extent(low + shift, high + shift, margin, min_size(np.asarray(spacing), mask.shape), mask.shape)
 
 
+def mid_zoom_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
+    """The predictor's intermediate view: a cube of MID_ZOOM_MM around a voxel of the structure, moved by up to a
+    quarter of its side (the prompt is not always at the structure's centre)."""
+    size = np.minimum(np.ceil(MID_ZOOM_MM / np.asarray(spacing, dtype=np.float64)), mask.shape)
+    idx = np.argwhere(mask)
+    centre = idx[rng.integers(len(idx))] + size * rng.uniform(-0.25, 0.25, 3)
+    return Box.from_extent(centre, centre, np.zeros(3), size.astype(int), mask.shape)
+
+
 def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Generator,
-                zoom_out_fraction: float = 0.35, box_fraction: float = 0.5) -> Sample | None:
+                zoom_out_fraction: float = 0.35, box_fraction: float = 0.5, mid_zoom_fraction: float = 0.0
+                ) -> Sample | None:
     mask = case.structures[name]
     shape = case.volume.shape
-    box = Box((0, 0, 0), shape) if rng.random() < zoom_out_fraction else zoom_in_box(mask, case.spacing, rng)
+    draw = rng.random()  # one draw picks the view, so mid_zoom_fraction=0 keeps earlier runs' sample streams
+    if draw < zoom_out_fraction:
+        box = Box((0, 0, 0), shape)
+    elif draw < zoom_out_fraction + mid_zoom_fraction:
+        box = mid_zoom_box(mask, case.spacing, rng)
+    else:
+        box = zoom_in_box(mask, case.spacing, rng)
     frame = Frame(box, config.input_shape)
     crop = mask[box.slices]
     if crop.sum() < 4:

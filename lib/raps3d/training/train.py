@@ -45,6 +45,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     workers: int = 0  # processes drawing samples while the model trains (0: draw them between steps)
+    mid_zoom_fraction: float = 0.0  # share of samples in the predictor's intermediate view (taken from zoom-in's)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,8 @@ def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.
     return seg[rows, best].mean() + iou_loss, logits[rows, best].detach()
 
 
-def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, dataset_weights: dict) -> list[Sample]:
+def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, dataset_weights: dict,
+                 mid_zoom_fraction: float = 0.0) -> list[Sample]:
     by_dataset: dict[str, list[Case]] = {}
     for c in cases:
         by_dataset.setdefault(c.dataset, []).append(c)
@@ -87,7 +89,7 @@ def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, da
         group = by_dataset[names[rng.choice(len(names), p=weights)]]
         case = group[rng.integers(len(group))]
         structure = sorted(case.structures)[rng.integers(len(case.structures))]
-        sample = make_sample(case, structure, config, rng)
+        sample = make_sample(case, structure, config, rng, mid_zoom_fraction=mid_zoom_fraction)
         if sample is not None:
             out.append(sample)
     return out
@@ -96,15 +98,17 @@ def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, da
 class SampleStream(torch.utils.data.IterableDataset):
     """Endless batches of samples; each worker process draws from its own random stream."""
 
-    def __init__(self, cases: list[Case], config, batch_size: int, seed: list[int], dataset_weights: dict):
+    def __init__(self, cases: list[Case], config, batch_size: int, seed: list[int], dataset_weights: dict,
+                 mid_zoom_fraction: float = 0.0):
         self.cases, self.config, self.batch_size = cases, config, batch_size
-        self.seed, self.dataset_weights = seed, dataset_weights
+        self.seed, self.dataset_weights, self.mid_zoom_fraction = seed, dataset_weights, mid_zoom_fraction
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([*self.seed, worker.id if worker else 0])
         while True:
-            yield pick_samples(self.cases, self.batch_size, self.config, rng, self.dataset_weights)
+            yield pick_samples(self.cases, self.batch_size, self.config, rng, self.dataset_weights,
+                               self.mid_zoom_fraction)
 
 
 def _as_is(batch):
@@ -221,8 +225,9 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         history = resume.get("history", [])
     rng = np.random.default_rng([cfg.seed, step0, rank])
     weights = dataset_weights or DATASET_WEIGHTS
-    batches = sample_batches(SampleStream(cases, model.config, cfg.batch_size, [cfg.seed, step0, rank, 1], weights),
-                             cfg.workers)
+    stream = SampleStream(cases, model.config, cfg.batch_size, [cfg.seed, step0, rank, 1], weights,
+                          cfg.mid_zoom_fraction)
+    batches = sample_batches(stream, cfg.workers)
     torch.manual_seed(cfg.seed)
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
