@@ -110,9 +110,8 @@ def test_dataset_weights_are_parsed_and_checked():
             parse_weights(bad)
 
 
-
 def test_intermediate_view_samples_are_cubes_around_the_structure(cases):
-    from raps3d.predictor import MID_ZOOM_MM
+    from raps3d.roi import MID_ZOOM_MM
     from raps3d.training.sampling import make_sample, mid_zoom_box
 
     case = cases[0]

@@ -23,15 +23,12 @@ from .engine import Engine
 from .errors import ImageError, PromptError
 from .geometry import Box, Frame, logits_to_mask, remap_logits
 from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
-from .roi import expand_roi, mask_covers, roi_for_box, roi_from_mask
+from .roi import expand_roi, mask_covers, mid_zoom_size, roi_for_box, roi_from_mask
 
 # Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
 FEATURE_CACHE_SIZE = 2
 # A point's zoom-in region is tightened once when its mask fills less than this fraction of it (by box volume).
 TIGHTEN_RATIO = 0.35
-# When the zoom-out mask misses the prompt (a structure too small to show in the whole-volume view), one more pass
-# looks at a cube of this side (mm) around the prompt, and its mask sets the zoom-in region instead.
-MID_ZOOM_MM = 96.0
 
 
 class ImageState:
@@ -317,8 +314,8 @@ class InteractiveObject:
     def _mid_frame(self, seeds: np.ndarray) -> Frame | None:
         """The intermediate view around the prompts' seeds (None when it would be the whole volume again)."""
         image = self.image
-        size = np.ceil(MID_ZOOM_MM / image.spacing)
-        box = Box.from_extent(seeds.min(0), seeds.max(0), np.zeros(3), np.minimum(size, image.shape), image.shape)
+        size = mid_zoom_size(image.spacing, image.shape)  # grown where the seeds lie farther apart
+        box = Box.from_extent(seeds.min(0), seeds.max(0), np.zeros(3), size, image.shape)
         if box == image.frame.box:
             return None
         return Frame(box, self.engine.config.input_shape)

@@ -15,6 +15,9 @@ MIN_SIZE_MM = 40.0
 MIN_SIZE_VOXELS = 8
 # A box prompt's zoom-in reaches at most this many times half the box's in-plane size above and below its slice.
 BOX_DEPTH_LIMIT = 2.0
+# When the zoom-out mask misses the prompt (a structure too small to show in the whole-volume view), one more pass
+# looks at a cube of this side (mm) around the prompt, and its mask sets the zoom-in region instead.
+MID_ZOOM_MM = 96.0
 
 
 def margins(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -23,6 +26,11 @@ def margins(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 
 def min_size(spacing: np.ndarray, shape) -> np.ndarray:
     return np.minimum(np.maximum(np.ceil(MIN_SIZE_MM / spacing), MIN_SIZE_VOXELS), shape).astype(int)
+
+
+def mid_zoom_size(spacing, shape) -> np.ndarray:
+    """Voxels per axis of the intermediate view: MID_ZOOM_MM, fewer where the volume is smaller."""
+    return np.minimum(np.ceil(MID_ZOOM_MM / np.asarray(spacing, dtype=np.float64)), shape).astype(int)
 
 
 def mask_covers(logits: np.ndarray, frame: Frame, seeds_zyx: np.ndarray) -> bool:

@@ -10,8 +10,7 @@ import numpy as np
 
 from ..geometry import Box, Frame, HU_WINDOW, resample_box
 from ..modeling import BOX_MAX, BOX_MIN, POSITIVE, ModelConfig
-from ..predictor import MID_ZOOM_MM
-from ..roi import min_size
+from ..roi import mid_zoom_size, min_size
 from .clicks import random_interior_point, slice_box
 from .data import Case
 
@@ -56,10 +55,10 @@ def zoom_in_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
 def mid_zoom_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
     """The predictor's intermediate view: a cube of MID_ZOOM_MM around a voxel of the structure, moved by up to a
     quarter of its side (the prompt is not always at the structure's centre)."""
-    size = np.minimum(np.ceil(MID_ZOOM_MM / np.asarray(spacing, dtype=np.float64)), mask.shape)
+    size = mid_zoom_size(spacing, mask.shape)
     idx = np.argwhere(mask)
     centre = idx[rng.integers(len(idx))] + size * rng.uniform(-0.25, 0.25, 3)
-    return Box.from_extent(centre, centre, np.zeros(3), size.astype(int), mask.shape)
+    return Box.from_extent(centre, centre, np.zeros(3), size, mask.shape)
 
 
 def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Generator,
