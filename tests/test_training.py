@@ -127,3 +127,24 @@ def test_intermediate_view_samples_are_cubes_around_the_structure(cases):
     assert sample is not None and sample.target.shape == config.mask_shape and sample.target.any()
     # the brainstem fills a small part of the cube (it fills most of a zoom-in crop)
     assert sample.target.mean() < 0.1
+
+
+def test_box_samples_keep_the_low_corner_first_after_flips(cases):
+    from raps3d.modeling import BOX_MAX, BOX_MIN
+    from raps3d.training.sampling import make_sample
+
+    config = build_model("lite").config
+    rng = np.random.default_rng(1)
+    samples = [make_sample(cases[0], "LeftParotid", config, rng, box_fraction=1.0) for _ in range(40)]
+    samples = [s for s in samples if s is not None]
+    assert len(samples) > 30
+    for s in samples:
+        assert s.labels.tolist() == [BOX_MIN, BOX_MAX]
+        low, high = s.coords
+        # the predictor always sends the low corner typed BOX_MIN; a left-right flip must not swap their meaning
+        assert low[0] == high[0] and low[1] <= high[1] and low[2] <= high[2], s.coords
+        # the box still frames the target on its slice (target at half the in-plane resolution of the input)
+        z = int(round(low[0]))
+        cols = np.flatnonzero(s.target[max(z - 1, 0):z + 2].any((0, 1)))
+        centre = (cols.mean() + 0.5) * 2 - 0.5
+        assert low[2] - 2 <= centre <= high[2] + 2

@@ -97,15 +97,19 @@ def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Gener
     else:
         point = random_interior_point(crop, rng) + np.array(box.start)
         coords, labels, multimask = frame.to_frame(point[None]), np.array([POSITIVE]), True
-    image, target, coords = _flip(image, target, coords, config, rng)
+    image, target, coords = _flip(image, target, coords, labels, config, rng)
     return Sample(image, target, coords, labels, multimask)
 
 
-def _flip(image, target, coords, config: ModelConfig, rng):
+def _flip(image, target, coords, labels, config: ModelConfig, rng):
     coords = coords.copy()
     for axis in (2,):  # left-right flips only: the other axes keep their anatomical order
         if rng.random() < 0.5:
             image = np.flip(image, axis)
             target = np.flip(target, axis)
             coords[:, axis] = config.input_shape[axis] - 1 - coords[:, axis]
+            # A box's typed corners must stay the low and the high one, as the predictor always gives them.
+            low, high = labels == BOX_MIN, labels == BOX_MAX
+            if low.any():
+                coords[low, axis], coords[high, axis] = coords[high, axis], coords[low, axis]
     return np.ascontiguousarray(image), np.ascontiguousarray(target), coords
