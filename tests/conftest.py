@@ -38,7 +38,7 @@ REAL_CT = {
 }
 # Files that are not segmentable CT volumes, served too (image id -> file name).
 BAD_IMAGES = {"corrupt": "corrupt.nii.gz", "flat2d": "flat2d.png", "rgb": "rgb.png", "nan": "nan.nrrd",
-              "oneslice": "oneslice.nii.gz"}
+              "oneslice": "oneslice.nii.gz", "mr": "mr.nii.gz"}
 
 SERVER_START_TIMEOUT = 240  # seconds; a cold start on a busy 2-core machine can be slow
 TORCH_THREADS = "1"  # the test machine is small and shared: one thread keeps the server from fighting for cores
@@ -69,6 +69,8 @@ def _write_bad_images(folder: Path) -> None:
     with_nan[3, 4, 5] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(with_nan), str(folder / BAD_IMAGES["nan"]))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 32, 32), np.int16)), str(folder / BAD_IMAGES["oneslice"]))
+    sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 900, (16, 32, 32)).astype(np.int16)),
+                    str(folder / BAD_IMAGES["mr"]))
 
 
 class Server:

@@ -46,6 +46,7 @@ def test_unknown_image_is_404(server):
     ("rgb", "3 values per voxel"),
     ("nan", "NaN or infinite"),
     ("oneslice", "single slice"),
+    ("mr", "'mr.nii.gz' does not look like CT in Hounsfield units"),
 ])
 def test_images_that_are_not_ct_volumes_are_422(server, image_id, fragment):
     assert image_id in BAD_IMAGES

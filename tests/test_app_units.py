@@ -125,7 +125,7 @@ def test_label_format_from_params(params, ok):
 
 # -- images -----------------------------------------------------------------------------------------------------------
 def test_read_image_gives_zyx_voxels_and_itk_geometry(tmp_path):
-    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 1024
     image = Geometry((6, 5, 4), (0.5, 0.6, 3.0), (1.0, 2.0, 3.0), (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     path = str(tmp_path / "ct.nii.gz")
     sitk.WriteImage(image.apply_to(sitk.GetImageFromArray(array)), path)
@@ -137,6 +137,37 @@ def test_read_image_gives_zyx_voxels_and_itk_geometry(tmp_path):
     assert image_key(path) != key  # a changed file is a new image
     with pytest.raises(ImageReadError, match="cannot read 'ct.nii.gz'"):
         read_image(path)
+
+
+def test_images_that_are_not_ct_in_hounsfield_units_are_refused(tmp_path):
+    path = str(tmp_path / "t1.nii.gz")
+    mr_like = np.random.default_rng(0).integers(0, 1200, (8, 16, 16)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(mr_like), path)
+    with pytest.raises(ImageReadError, match=r"'t1.nii.gz' does not look like CT in Hounsfield units: its lowest "
+                                             r"value is \d+"):
+        read_image(path)
+    sitk.WriteImage(sitk.GetImageFromArray(mr_like - 1024), path)  # the same values shifted to HU: accepted
+    assert read_image(path)[0].min() < -250
+
+
+def _sample_series_copy(folder: Path, **tags) -> Path:
+    import pydicom
+
+    source = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    folder.mkdir()
+    for path in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        ds.save_as(folder / path.name)
+    return folder
+
+
+def test_dicom_series_of_another_modality_or_with_malformed_positions_are_refused(tmp_path):
+    with pytest.raises(ImageReadError, match="the DICOM series is MR, not CT"):
+        read_image(str(_sample_series_copy(tmp_path / "mr", Modality="MR")))
+    with pytest.raises(ImageReadError, match="malformed Image Position/Orientation"):
+        read_image(str(_sample_series_copy(tmp_path / "bad", ImageOrientationPatient=[1, 0, 0, 0, 1])))
 
 
 def test_a_dicom_series_folder_reads_like_its_nifti():

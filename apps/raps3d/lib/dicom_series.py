@@ -1,10 +1,11 @@
-"""Refusing DICOM series that would become distorted volumes.
+"""Refusing DICOM series that are not CT or would become distorted volumes.
 
 A DICOM series becomes a volume (ITK's series reader, used by MONAI Label and here) on the assumption that its
 slices are parallel, evenly spaced and stacked along the slice normal. A gantry-tilted CT breaks the last one
 (slice positions move along the table, not along the normal: the volume is sheared), and missing slices or a
 variable slice spacing break the second; ITK only logs a warning and returns a distorted volume, on which a
-segmentation would be wrong. Such series are refused with a message saying why, before anything is segmented.
+segmentation would be wrong. Such series, and series of another modality (MR, PET, ...), are refused with a
+message saying why, before anything is segmented.
 
 Sources checked: a folder of DICOM files (a local DICOM study), and the folder MONAI Label's DICOMweb datastore
 keeps beside each series it converted to NIfTI (``<SeriesInstanceUID>/`` next to ``<SeriesInstanceUID>.nii.gz``).
@@ -19,8 +20,8 @@ from collections import defaultdict
 import numpy as np
 
 # Tags read from each file (headers only).
-_TAGS = ["SeriesInstanceUID", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "NumberOfFrames",
-         "GantryDetectorTilt"]
+_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+         "NumberOfFrames", "GantryDetectorTilt"]
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
@@ -29,8 +30,8 @@ SPACING_TOLERANCE = 0.05  # relative deviation of a slice gap from the median ga
 SPACING_TOLERANCE_MM = 0.01
 
 
-class SeriesGeometryError(ValueError):
-    """The series cannot be stacked into a volume without distortion."""
+class SeriesError(ValueError):
+    """The series is not CT, or cannot be stacked into a volume without distortion."""
 
 
 def source_series_folder(path: str) -> str | None:
@@ -64,25 +65,42 @@ def _read_headers(folder: str) -> list:
     return headers
 
 
-def check_series_geometry(folder: str) -> None:
-    """Raises SeriesGeometryError when the largest series in ``folder`` would be a distorted volume: slices of
-    different orientations, gantry tilt (sheared stack), several slices at one position, or uneven slice gaps.
-    Series without position information (e.g. one multi-frame file) are not checked."""
+def check_series(folder: str) -> None:
+    """Raises SeriesError when the largest series in ``folder`` is not CT (by its Modality) or would be a distorted
+    volume: slices of different orientations, gantry tilt (sheared stack), several slices at one position, uneven
+    slice gaps, or position tags that cannot be read. Series without position information (e.g. one multi-frame
+    file) are not checked for geometry."""
     by_series = defaultdict(list)
     for header in _read_headers(folder):
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
     if not by_series:
         return
     headers = max(by_series.values(), key=len)
+    modalities = {str(h.get("Modality", "") or "").strip().upper() for h in headers} - {""}
+    if modalities - {"CT"}:
+        raise SeriesError(f"the DICOM series is {'/'.join(sorted(modalities))}, not CT: Raps-3D segments CT images "
+                          "(its model reads Hounsfield units)")
+    try:
+        _check_stack(headers)
+    except SeriesError:
+        raise
+    except (ValueError, TypeError, AttributeError):
+        raise SeriesError("the DICOM series has malformed Image Position/Orientation (Patient) or Pixel Spacing "
+                          "values: its slices cannot be placed in space") from None
+
+
+def _check_stack(headers: list) -> None:
     slices = [h for h in headers if h.get("ImagePositionPatient") is not None
               and h.get("ImageOrientationPatient") is not None and int(h.get("NumberOfFrames", 1) or 1) == 1]
     if len(slices) < 2:
         return
 
     orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in slices])
+    if orientations.shape[1] != 6:
+        raise ValueError("ImageOrientationPatient needs 6 values")
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        raise SeriesGeometryError("the DICOM series mixes slices of different orientations (e.g. a localizer or "
-                                  "several stacks in one series); it is not one volume")
+        raise SeriesError("the DICOM series mixes slices of different orientations (e.g. a localizer or "
+                          "several stacks in one series); it is not one volume")
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
@@ -94,8 +112,8 @@ def check_series_geometry(folder: str) -> None:
     gaps = np.diff(depth)
     if gaps.min() < SPACING_TOLERANCE_MM:
         same = int(np.sum(gaps < SPACING_TOLERANCE_MM)) + 1
-        raise SeriesGeometryError(f"the DICOM series has {same} slices at the same position: it holds more than one "
-                                  "volume (e.g. several phases or reconstructions); split it into one series each")
+        raise SeriesError(f"the DICOM series has {same} slices at the same position: it holds more than one "
+                          "volume (e.g. several phases or reconstructions); split it into one series each")
 
     in_plane = (positions - positions[0]) - np.outer(depth - depth[0], normal)
     drift = float(np.linalg.norm(in_plane, axis=1).max())
@@ -104,14 +122,14 @@ def check_series_geometry(folder: str) -> None:
         tilt = math.degrees(math.atan2(drift, float(depth[-1] - depth[0])))
         stated = slices[0].get("GantryDetectorTilt")
         stated = f"; Gantry/Detector Tilt {float(stated):g} degrees" if stated not in (None, "") else ""
-        raise SeriesGeometryError(
+        raise SeriesError(
             f"the DICOM series is gantry-tilted (slices sheared by {tilt:.1f} degrees{stated}): stacked as a regular "
             "volume its anatomy would be distorted. Resample it to an orthogonal grid first (tilt correction, e.g. "
             "in dcm2niix or 3D Slicer) and segment that")
 
     median = float(np.median(gaps))
     if np.abs(gaps - median).max() > SPACING_TOLERANCE * median + SPACING_TOLERANCE_MM:
-        raise SeriesGeometryError(
+        raise SeriesError(
             f"the DICOM series has uneven slice spacing (gaps from {gaps.min():.2f} to {gaps.max():.2f} mm: missing "
             "slices or a variable-spacing acquisition): stacked as a regular volume it would be distorted. Resample "
             "it to even spacing first")

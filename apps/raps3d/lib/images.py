@@ -14,11 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_series import SeriesGeometryError, check_series_geometry, source_series_folder
+from .dicom_series import SeriesError, check_series, source_series_folder
 
 
 class ImageReadError(ValueError):
-    """The file cannot be read as a single-channel 3D image (corrupt, not an image, 2D, RGB, ...)."""
+    """The file cannot be read as a single-channel 3D CT image (corrupt, not an image, 2D, RGB, not CT, ...)."""
+
+
+# Every CT of the body holds air or lung (-1000 to -700 HU) somewhere; an image whose lowest value is above this is
+# not in Hounsfield units (MR, PET, a normalised or shifted CT), and the model's intensity window would misread it.
+LOWEST_HU_AT_MOST = -250.0
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,8 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     folder = source_series_folder(path)
     if folder is not None:
         try:
-            check_series_geometry(folder)
-        except SeriesGeometryError as e:
+            check_series(folder)
+        except SeriesError as e:
             raise ImageReadError(str(e)) from None
     try:
         image = _read_sitk(path)
@@ -110,7 +115,19 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
            image.GetSize())
     if "complex" in image.GetPixelIDTypeAsString():
         raise ImageReadError(f"unsupported pixel type {image.GetPixelIDTypeAsString()}")
-    return sitk.GetArrayFromImage(image), Geometry.of(image)
+    volume = sitk.GetArrayFromImage(image)
+    _check_hounsfield(volume, os.path.basename(path))
+    return volume, Geometry.of(image)
+
+
+def _check_hounsfield(volume: np.ndarray, name: str) -> None:
+    if volume.size == 0 or min(volume.shape) < 2:
+        return  # not a volume: the library says so
+    lowest = float(volume.min())
+    if np.isfinite(lowest) and lowest > LOWEST_HU_AT_MOST:
+        raise ImageReadError(f"{name!r} does not look like CT in Hounsfield units: its lowest value is {lowest:g}, "
+                             f"where a CT has air or lung (below {LOWEST_HU_AT_MOST:g} HU). Raps-3D segments CT; "
+                             "convert the image to HU (rescale slope and intercept) or use a CT series")
 
 
 def read_geometry(path: str) -> Geometry:
