@@ -93,3 +93,20 @@ def test_stopped_training_leaves_the_served_model_intact(train_server):
     assert digest(srv.model_path) == before
     assert not list(srv.model_path.parent.glob("*.tmp"))
     srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t3"})
+
+
+def test_failed_training_says_why_and_leaves_the_served_model_intact(train_server):
+    srv = train_server
+    if not srv.model_path.exists():
+        pytest.skip("needs the model published by the first test")
+    before = digest(srv.model_path)
+    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2, "lr": "fast"}, timeout=60)
+    assert r.status_code == 200, r.text
+    task = wait_for_training(srv)
+    assert task["status"] == "ERROR", task
+    stats = train_stats(srv)
+    assert stats["status"] == "FAILED" and "could not convert string to float: 'fast'" in stats["error"], stats
+    assert stats["message"] == "training failed; the served model is unchanged"
+    assert digest(srv.model_path) == before
+    assert not list(srv.model_path.parent.glob(".*.candidate.pt"))
+    srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t4"})

@@ -106,6 +106,30 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
 
         scratch = self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
+        try:
+            candidate, published = self._train_and_publish(model, meta, scratch, cfg, train_cases, val_cases,
+                                                           val_samples, baseline, stats, gpus, device)
+        except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
+            stats = {**self.stats(), "status": "FAILED", "end_ts": time.time(),
+                     "error": f"{type(e).__name__}: {e}", "message": "training failed; the served model is unchanged"}
+            self._write_stats(stats)
+            raise
+        finally:
+            scratch.unlink(missing_ok=True)
+        stats = {**self.stats(), "baseline_dice": baseline}
+        stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
+                     best_metric=max(stats.get("best_metric") or 0.0, candidate),
+                     message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
+                              if published else f"kept the served model: validation Dice {candidate:.3f} < "
+                              f"{baseline:.3f}"))
+        self._write_stats(stats)
+        logger.info(stats["message"])
+        return stats
+
+    def _train_and_publish(self, model, meta, scratch: Path, cfg, train_cases, val_cases, val_samples, baseline,
+                           stats, gpus, device) -> tuple[float, bool]:
+        """Fine-tune a copy of the served model in ``scratch``; replace the served model (atomically) only when
+        the candidate is good enough. Returns the candidate's validation Dice and whether it was published."""
         steps = int(cfg["steps"])
         train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                 seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
@@ -124,16 +148,7 @@ class Raps3DTrain(TrainTask):
         if published:
             save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
                                                                              "baseline_dice": baseline}})
-        scratch.unlink(missing_ok=True)
-        stats = {**self.stats(), "baseline_dice": baseline}
-        stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
-                     best_metric=max(stats.get("best_metric") or 0.0, candidate),
-                     message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
-                              if published else f"kept the served model: validation Dice {candidate:.3f} < "
-                              f"{baseline:.3f}"))
-        self._write_stats(stats)
-        logger.info(stats["message"])
-        return stats
+        return candidate, published
 
 
 def _free_port() -> int:
