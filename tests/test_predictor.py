@@ -40,7 +40,16 @@ def test_edit_inside_roi_reuses_features_and_outside_expands(ct):
     assert not outside.cache_hit
     assert outside.roi.contains(far) and outside.roi.contains_box(first.roi)
     assert len(obj.prompts.points) == 3
-    # a viewer's buffer holding the previous mask is brought up to date by writing only the changed box
+
+
+def test_a_viewers_buffer_is_brought_up_to_date_from_the_changed_box():
+    image = open_image(untrained_engine(3), synthetic_volume())  # random weights: masks that are not empty
+    obj = InteractiveObject(image)
+    first = obj.add_point((20, 35, 45))
+    inside = obj.add_point((22, 36, 44), positive=False)
+    outside = obj.add_point((2, 5, 5))
+    assert first.mask_roi.any() and outside.mask_roi.any() and outside.roi.contains_box(first.roi)
+    assert not np.array_equal(inside.full_mask(), outside.full_mask())
     buffer = inside.full_mask()
     np.testing.assert_array_equal(outside.update(buffer), outside.full_mask())
 
@@ -100,8 +109,10 @@ def test_bad_prompts_get_clear_errors_and_lose_nothing(ct, call, message):
 
 
 def test_box_partly_outside_is_clipped(ct):
-    r = InteractiveObject(ct).add_box(56, (80, 100), (140, 160))
-    assert InteractiveObject(ct).prompts.box is None
+    obj = InteractiveObject(ct)
+    r = obj.add_box(56, (80, 100), (140, 160))
+    box = obj.prompts.box
+    assert (box.y0, box.x0, box.y1, box.x1) == (80, 100, ct.shape[1] - 1, ct.shape[2] - 1)
     assert r.roi.stop[1] <= ct.shape[1] and r.roi.stop[2] <= ct.shape[2]
 
 
@@ -130,7 +141,7 @@ def test_edit_without_cache_gives_the_same_mask():
     for obj in (cached, plain):
         obj.add_point((20, 35, 45))
     a, b = cached.add_point((22, 36, 44), False), plain.add_point((22, 36, 44), False)
-    assert a.cache_hit and not b.cache_hit
+    assert a.cache_hit and not b.cache_hit and a.mask_roi.any()
     np.testing.assert_array_equal(a.mask_roi, b.mask_roi)
 
 
@@ -139,6 +150,7 @@ def test_sliding_window_baseline_covers_the_roi(ct):
     r = obj.add_point((56, 50, 60))
     mask = sliding_window_zoom_in(obj, obj.prompts, r.roi)
     assert mask.shape == r.roi.size and mask.dtype == np.uint8
+    assert not mask.any()  # the same (empty-mask) model, window by window: nothing appears
 
 
 def test_result_update_writes_only_the_changed_box():
