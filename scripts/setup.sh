@@ -14,7 +14,7 @@ stamp=.venv/.raps3d-installed
 want=$(cat requirements.txt lib/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     start=$(date +%s)
-    quiet_pip() {  # pip's notes about unreadable local index folders are noise
+    quiet_pip() {  # hide pip's warnings about configured local package folders that do not exist
         .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
     }
     quiet_pip install --quiet --upgrade pip
