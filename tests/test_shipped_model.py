@@ -80,3 +80,8 @@ def test_model_card_matches_the_checkpoint(engine):
     assert f"{meta['train_state']['step']} steps" in card
     for word in ("Data", "Command", "Hardware", "Evaluation"):
         assert word in card
+    # the commands the checkpoint records appear in the card as they were run (line continuations aside)
+    commands = " ".join(card.replace("\\\n", " ").split())
+    assert meta["command"].removeprefix(".venv/bin/") in commands
+    assert meta["calibration"]["command"] in commands
+    assert f"({meta['calibration']['mask_threshold']:g})" in card

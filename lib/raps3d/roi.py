@@ -7,6 +7,9 @@ from scipy import ndimage
 
 from .geometry import Box, Frame
 
+# Regions are read from the model's own decision boundary (logit 0), not the calibrated mask threshold the shown mask
+# uses: the threshold moves the boundary by a voxel or two, well inside the margin, and gave no gain on regions.
+
 # Margin around the structure: a fraction of its extent plus a few voxels, so the zoom-in sees its boundary.
 MARGIN_FRACTION = 0.15
 MARGIN_MM = 6.0
