@@ -153,12 +153,17 @@ def test_transfer_syntax_series_decodes_to_the_stored_values(dicomweb_server, or
             assert error.mean() < 25 and np.corrcoef(volume[k].ravel(), expected.ravel())[0, 1] > 0.9999, name
 
 
-def test_multiframe_enhanced_ct_jpeg_file_decodes(dicomweb_server, orthanc, tmp_path):
+def test_multiframe_enhanced_ct_jpeg_file_decodes_and_is_refused_without_its_rescale(dicomweb_server, orthanc,
+                                                                                       tmp_path):
     series = need_series(orthanc, "multiframe_jpeg", DATA_ROOT)
-    label, header = _ohif_infer(dicomweb_server, series.series_uid, {"foreground": [[256, 256, 1]]})
-    assert label.shape == (512, 512, 2)
     volume = sitk.GetArrayFromImage(_served_image(dicomweb_server, series.series_uid, tmp_path))
     assert volume.shape == (2, 512, 512) and volume.std() > 50
+    # The file keeps its rescale (intercept -1024) in the enhanced CT's functional groups, which the conversion does
+    # not apply: the stored values are not Hounsfield units, so segmenting them would be wrong. Refused, saying why.
+    assert volume.min() > -250
+    r = dicomweb_server.infer(series.series_uid, {"foreground": [[256, 256, 1]]})
+    assert r.status_code == 422, r.text[:300]
+    assert "does not look like CT in Hounsfield units" in r.json()["detail"]
 
 
 def test_gantry_tilted_series_is_refused_with_the_reason(dicomweb_server, orthanc):
