@@ -107,8 +107,25 @@ class Raps3DTrain(TrainTask):
 
         scratch = self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
         try:
-            candidate, published = self._train_and_publish(model, meta, scratch, cfg, train_cases, val_cases,
-                                                           val_samples, baseline, stats, gpus, device)
+            steps = int(cfg["steps"])
+            train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+                                    seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
+                                    save_every=max(1, steps))
+            fine_tune = {"fine_tuned_on": [c.name for c in train_cases],
+                         "base": meta.get("train_state", {}).get("step")}
+            save_model(model.cpu(), scratch, {**meta, "fine_tune": fine_tune}, half=False)  # the workers' start point
+            job = (scratch, train_cases, val_cases, train_cfg, str(self.stats_path), stats)
+            if gpus > 1:  # one process per GPU, gradients averaged over NCCL
+                torch.multiprocessing.spawn(_fit, args=(gpus, _free_port(), *job), nprocs=gpus, join=True)
+            else:
+                _fit(0, 1, 0, *job)
+            model, _ = load_model(scratch)
+            model.to(device).eval()
+            candidate = quick_dice(model, val_samples)
+            published = candidate >= baseline or cfg["publish"] == "always"
+            if published:
+                save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
+                                                                                 "baseline_dice": baseline}})
         except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
             stats = {**self.stats(), "status": "FAILED", "end_ts": time.time(),
                      "error": f"{type(e).__name__}: {e}", "message": "training failed; the served model is unchanged"}
@@ -125,30 +142,6 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
-
-    def _train_and_publish(self, model, meta, scratch: Path, cfg, train_cases, val_cases, val_samples, baseline,
-                           stats, gpus, device) -> tuple[float, bool]:
-        """Fine-tune a copy of the served model in ``scratch``; replace the served model (atomically) only when
-        the candidate is good enough. Returns the candidate's validation Dice and whether it was published."""
-        steps = int(cfg["steps"])
-        train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-                                seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
-                                save_every=max(1, steps))
-        fine_tune = {"fine_tuned_on": [c.name for c in train_cases], "base": meta.get("train_state", {}).get("step")}
-        save_model(model.cpu(), scratch, {**meta, "fine_tune": fine_tune}, half=False)  # the workers' start point
-        job = (scratch, train_cases, val_cases, train_cfg, str(self.stats_path), stats)
-        if gpus > 1:  # one process per GPU, gradients averaged over NCCL
-            torch.multiprocessing.spawn(_fit, args=(gpus, _free_port(), *job), nprocs=gpus, join=True)
-        else:
-            _fit(0, 1, 0, *job)
-        model, _ = load_model(scratch)
-        model.to(device).eval()
-        candidate = quick_dice(model, val_samples)
-        published = candidate >= baseline or cfg["publish"] == "always"
-        if published:
-            save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
-                                                                             "baseline_dice": baseline}})
-        return candidate, published
 
 
 def _free_port() -> int:
