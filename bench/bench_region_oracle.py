@@ -18,7 +18,6 @@ import numpy as np
 from raps3d.checkpoint import load_model
 from raps3d.engine import Engine
 from raps3d.geometry import Box, Frame, logits_to_mask
-from raps3d.modeling import BOX_MAX, BOX_MIN, POSITIVE
 from raps3d.predictor import ImageState, InteractiveObject
 from raps3d.roi import margins, min_size
 from raps3d.training.clicks import centre_point, largest_slice_box
@@ -30,14 +29,6 @@ def reference_region(reference: np.ndarray, spacing, shape) -> Box:
     where = np.argwhere(reference)
     low, high = where.min(0).astype(float), where.max(0).astype(float)
     return Box.from_extent(low, high, margins(high - low, spacing), min_size(spacing, shape), shape)
-
-
-def first_prompt(reference: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """The protocol's first prompt as coordinates (N, 3) and labels."""
-    if kind == "box":
-        z, a, b = largest_slice_box(reference)
-        return np.array([[z, *a], [z, *b]], float), np.array([BOX_MIN, BOX_MAX])
-    return centre_point(reference).astype(float)[None], np.array([POSITIVE])
 
 
 def main() -> None:
@@ -56,12 +47,12 @@ def main() -> None:
             frame = Frame(region, engine.config.input_shape)
             features = engine.encode(case.volume, frame)
             for kind in ("box", "point"):
-                coords, labels = first_prompt(reference, kind)
                 obj = InteractiveObject(image)
                 if kind == "box":
-                    result = obj.add_box(int(coords[0, 0]), coords[0, 1:], coords[1, 1:])
+                    result = obj.add_box(*largest_slice_box(reference))
                 else:
-                    result = obj.add_point(tuple(coords[0]))
+                    result = obj.add_point(tuple(centre_point(reference)))
+                coords, labels = obj.prompts.coords_labels()  # the prompt as the predictor encoded it
                 logits, _ = engine.decode(features, frame.to_frame(coords), labels, None, kind == "point")
                 oracle = np.zeros(reference.shape, bool)
                 oracle[region.slices] = logits_to_mask(logits, region.size, threshold=engine.mask_threshold)
