@@ -90,8 +90,12 @@ def test_stopped_training_leaves_the_served_model_intact(train_server):
     assert requests.delete(f"{srv.url}/train/", timeout=60).status_code == 200
     task = wait_for_training(srv)
     assert task["status"] in ("STOPPED", "ERROR"), task
+    stats = train_stats(srv)  # the killed process could not say so itself
+    assert stats["status"] == "STOPPED" and stats["epoch"] < 500, stats
+    assert stats["message"] == "training stopped before it finished; the served model is unchanged"
     assert digest(srv.model_path) == before
     assert not list(srv.model_path.parent.glob("*.tmp"))
+    assert not list(srv.model_path.parent.glob(".*.candidate.pt"))
     srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t3"})
 
 

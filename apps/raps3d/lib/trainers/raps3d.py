@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
@@ -51,9 +52,20 @@ class Raps3DTrain(TrainTask):
 
     def stats(self):
         try:
-            return json.loads(self.stats_path.read_text())
+            stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             return {}
+        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host")):
+            # Stopped from the server (it kills the process) or killed otherwise: nothing could record it then.
+            self._scratch.unlink(missing_ok=True)
+            stats.update(status="STOPPED", message="training stopped before it finished; the served model is "
+                         "unchanged")
+            self._write_stats(stats)
+        return stats
+
+    @property
+    def _scratch(self) -> Path:
+        return self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
 
     def _write_stats(self, stats: dict) -> None:
         _write_json(self.stats_path, stats)
@@ -78,7 +90,8 @@ class Raps3DTrain(TrainTask):
             raise ValueError(f"publish must be 'if_better' or 'always', got {cfg['publish']!r}")
         started = time.time()
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": started, "epoch": 0,
-                 "total_epochs": int(cfg["steps"]), "best_metric": None}
+                 "total_epochs": int(cfg["steps"]), "best_metric": None, "pid": os.getpid(),
+                 "host": socket.gethostname()}
         self._write_stats(stats)
         cases = self._cases(datastore)
         if not cases:
@@ -105,7 +118,7 @@ class Raps3DTrain(TrainTask):
                      val_images=[c.name for c in val_cases], gpus=gpus)
         self._write_stats(stats)
 
-        scratch = self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
+        scratch = self._scratch
         try:
             steps = int(cfg["steps"])
             train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
@@ -142,6 +155,16 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+def _alive(pid, host) -> bool:
+    """Whether the training process that wrote the stats still runs (assumed so when it ran on another host)."""
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _free_port() -> int:
