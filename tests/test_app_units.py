@@ -170,6 +170,36 @@ def test_dicom_series_of_another_modality_or_with_malformed_positions_are_refuse
         read_image(str(_sample_series_copy(tmp_path / "bad", ImageOrientationPatient=[1, 0, 0, 0, 1])))
 
 
+def test_an_enhanced_ct_file_gets_the_rescale_its_functional_groups_hold(tmp_path):
+    import shutil
+
+    from conftest import DATA_ROOT
+
+    source = DATA_ROOT / "dicom" / "transfer_syntaxes" / "CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"
+    if not source.is_file():
+        pytest.skip(f"the enhanced CT test file is not under {DATA_ROOT} (set RAPS3D_DATA to the data folder)")
+    import pydicom
+
+    series_uid = str(pydicom.dcmread(source, stop_before_pixels=True).SeriesInstanceUID)
+    folder = tmp_path / series_uid
+    folder.mkdir()
+    shutil.copy(source, folder)
+    stored = sitk.ReadImage(str(source))  # as ITK decodes it: no rescale applied
+    assert stored.GetSize() == (512, 512, 2) and sitk.GetArrayFromImage(stored).min() > -250
+    in_hu = sitk.GetArrayFromImage(stored).astype(np.int16) - 1024  # its shared functional group's intercept
+    # A local folder of one multi-frame file, and the layout of MONAI Label's DICOMweb cache: the series converted
+    # to NIfTI beside the folder of its files (named by the series UID).
+    sitk.WriteImage(stored, str(tmp_path / f"{series_uid}.nii.gz"))
+    for path in (folder, tmp_path / f"{series_uid}.nii.gz"):
+        volume, geometry = read_image(str(path))
+        assert volume.dtype == np.int16 and geometry.size == (512, 512, 2)
+        np.testing.assert_array_equal(volume, in_hu)
+    # The same file anywhere else (no series folder beside it) keeps its stored values, refused as not CT.
+    sitk.WriteImage(stored, str(tmp_path / "elsewhere.nii.gz"))
+    with pytest.raises(ImageReadError, match="does not look like CT in Hounsfield units"):
+        read_image(str(tmp_path / "elsewhere.nii.gz"))
+
+
 def test_a_dicom_series_folder_reads_like_its_nifti():
     sample = Path(__file__).resolve().parents[1] / "sample-data"
     from_dicom, g_dicom = read_image(str(sample / "dicom" / "phantom_01"))

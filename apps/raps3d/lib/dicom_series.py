@@ -7,6 +7,9 @@ variable slice spacing break the second; ITK only logs a warning and returns a d
 segmentation would be wrong. Such series, and series of another modality (MR, PET, ...), are refused with a
 message saying why, before anything is segmented.
 
+An enhanced (multi-frame) CT file may keep its rescale to Hounsfield units only in its functional groups, which
+ITK's reader does not apply; ``functional_group_rescale`` finds it so that the caller can.
+
 Sources checked: a folder of DICOM files (a local DICOM study), and the folder MONAI Label's DICOMweb datastore
 keeps beside each series it converted to NIfTI (``<SeriesInstanceUID>/`` next to ``<SeriesInstanceUID>.nii.gz``).
 """
@@ -21,7 +24,8 @@ import numpy as np
 
 # Tags read from each file (headers only).
 _TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
-         "NumberOfFrames", "GantryDetectorTilt"]
+         "NumberOfFrames", "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept",
+         "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
@@ -65,17 +69,21 @@ def _read_headers(folder: str) -> list:
     return headers
 
 
-def check_series(folder: str) -> None:
-    """Raises SeriesError when the largest series in ``folder`` is not CT (by its Modality) or would be a distorted
-    volume: slices of different orientations, gantry tilt (sheared stack), several slices at one position, uneven
-    slice gaps, or position tags that cannot be read. Series without position information (e.g. one multi-frame
-    file) are not checked for geometry."""
+def series_headers(folder: str) -> list:
+    """The headers of the largest series in ``folder`` (the one ITK's series reader takes)."""
     by_series = defaultdict(list)
     for header in _read_headers(folder):
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
-    if not by_series:
+    return max(by_series.values(), key=len) if by_series else []
+
+
+def check_series(headers: list) -> None:
+    """Raises SeriesError when the series of ``headers`` is not CT (by its Modality) or would be a distorted
+    volume: slices of different orientations, gantry tilt (sheared stack), several slices at one position, uneven
+    slice gaps, or position tags that cannot be read. Series without position information (e.g. one multi-frame
+    file) are not checked for geometry."""
+    if not headers:
         return
-    headers = max(by_series.values(), key=len)
     modalities = {str(h.get("Modality", "") or "").strip().upper() for h in headers} - {""}
     if modalities - {"CT"}:
         raise SeriesError(f"the DICOM series is {'/'.join(sorted(modalities))}, not CT: Raps-3D segments CT images "
@@ -87,6 +95,27 @@ def check_series(folder: str) -> None:
     except (ValueError, TypeError, AttributeError):
         raise SeriesError("the DICOM series has malformed Image Position/Orientation (Patient) or Pixel Spacing "
                           "values: its slices cannot be placed in space") from None
+
+
+def functional_group_rescale(headers: list) -> tuple[float, float] | None:
+    """(slope, intercept) of a series that is one multi-frame file keeping its rescale only in its functional groups
+    (shared, or the same for every frame); None otherwise (rescale in the main header, none at all, or one that
+    differs between frames)."""
+    if len(headers) != 1 or int(headers[0].get("NumberOfFrames", 1) or 1) < 2:
+        return None
+    header = headers[0]
+    if header.get("RescaleIntercept") is not None or header.get("RescaleSlope") is not None:
+        return None  # the main header's rescale is applied by the reader
+    groups = list(header.get("SharedFunctionalGroupsSequence", [])) + list(
+        header.get("PerFrameFunctionalGroupsSequence", []))
+    found = set()
+    for group in groups:
+        for item in group.get("PixelValueTransformationSequence", []):
+            try:
+                found.add((float(item.get("RescaleSlope", 1.0)), float(item.get("RescaleIntercept", 0.0))))
+            except (TypeError, ValueError):
+                return None
+    return found.pop() if len(found) == 1 else None
 
 
 def _check_stack(headers: list) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_series import SeriesError, check_series, source_series_folder
+from .dicom_series import SeriesError, check_series, functional_group_rescale, series_headers, source_series_folder
 
 
 class ImageReadError(ValueError):
@@ -78,6 +78,8 @@ def _read_sitk(path: str, header_only: bool = False):
             raise ImageReadError(f"the folder {os.path.basename(path)!r} holds no DICOM series")
         # Several series in one folder: take the one with the most slices.
         files = max((reader.GetGDCMSeriesFileNames(path, s) for s in series), key=len)
+        if len(files) == 1:  # one multi-frame file: read as a volume (the series reader would add a 4th axis)
+            return sitk.ReadImage(files[0])
         reader.SetFileNames(files)
         return reader.Execute()
     if header_only:
@@ -98,13 +100,17 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
 
 def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     """Voxels (z, y, x) in the file's own data type, and the image geometry. An image from a DICOM series that would
-    be a distorted volume (gantry tilt, uneven slice gaps) is refused."""
+    be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
+    functional groups hold is applied."""
     folder = source_series_folder(path)
+    rescale = None
     if folder is not None:
+        headers = series_headers(folder)
         try:
-            check_series(folder)
+            check_series(headers)
         except SeriesError as e:
             raise ImageReadError(str(e)) from None
+        rescale = functional_group_rescale(headers)
     try:
         image = _read_sitk(path)
     except ImageReadError:
@@ -116,8 +122,19 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     if "complex" in image.GetPixelIDTypeAsString():
         raise ImageReadError(f"unsupported pixel type {image.GetPixelIDTypeAsString()}")
     volume = sitk.GetArrayFromImage(image)
+    if rescale is not None and volume.size and float(volume.min()) > LOWEST_HU_AT_MOST:  # the reader did not apply it
+        volume = _apply_rescale(volume, *rescale)
     _check_hounsfield(volume, os.path.basename(path))
     return volume, Geometry.of(image)
+
+
+def _apply_rescale(volume: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """``volume * slope + intercept``, as int16 where that holds the values exactly (CT's usual type), else float32."""
+    values = volume.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    as_int = values.astype(np.int16)
+    if slope == int(slope) and intercept == int(intercept) and np.array_equal(as_int, values):
+        return as_int
+    return values
 
 
 def _check_hounsfield(volume: np.ndarray, name: str) -> None:
