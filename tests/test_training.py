@@ -39,6 +39,20 @@ def test_train_resume_and_checkpoint(cases, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no scratch files
 
 
+def test_bf16_autocast_trains_fp32_weights(cases, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lite")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = []
+    train(model, cases, tmp_path / "m.pt", TrainConfig(steps=2, batch_size=2, log_every=1, save_every=2, bf16=True),
+          progress=losses.append)
+    assert len(losses) == 2 and all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in losses)
+    after = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it learned something, in fp32
+    assert load_model(tmp_path / "m.pt")[1]["train_state"]["step"] == 2
+
+
 def test_simulated_clicks_follow_the_protocol():
     ref = np.zeros((10, 30, 30), bool)
     ref[2:8, 5:25, 5:20] = True

@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     p.add_argument("--packed", help="read the cases from this file (written by raps3d.training.packed) instead of "
                                      "the data folder; --limit then applies when packing")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU)")
     p.add_argument("--workers", type=int, default=0, help="processes drawing training samples (0: none)")
     p.add_argument("--mid-zoom-fraction", type=float, default=0.0,
                    help="share of samples in the predictor's intermediate view, a cube around the structure "
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
                      f"{platform.processor() or platform.machine()} CPU, torch threads {torch.get_num_threads()}"),
     })
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
-                      seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction)
+                      seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction,
+                      bf16=args.bf16)
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
                  dataset_weights=weights, meta=meta)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)

@@ -46,6 +46,7 @@ class TrainConfig:
     save_every: int = 100
     workers: int = 0  # processes drawing samples while the model trains (0: draw them between steps)
     mid_zoom_fraction: float = 0.0  # share of samples in the predictor's intermediate view (taken from zoom-in's)
+    bf16: bool = False  # forward pass under bfloat16 autocast (faster on GPUs that have it); weights stay fp32
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's rule for several outputs: train only the best one; the IoU head learns every output's real IoU."""
-    logits, iou_pred = model_out
+    logits, iou_pred = (x.float() for x in model_out)  # losses in fp32 also under autocast
     t = target[:, None].expand_as(logits).float()
     seg = segmentation_loss(logits, t)
     best = seg.argmin(1)
@@ -241,6 +242,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     meta = dict(meta or {})
     lead = rank == 0
+    device_type = next(model.parameters()).device.type
     t0, running, waited = time.perf_counter(), [], 0.0
     model.train()
     step = step0
@@ -248,7 +250,8 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         t_wait = time.perf_counter()
         samples = next(batches)
         waited += time.perf_counter() - t_wait
-        loss, info = train_step(model, samples, rng, cfg.max_clicks)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, info = train_step(model, samples, rng, cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_gradients(model, world)
