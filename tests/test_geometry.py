@@ -105,6 +105,18 @@ def test_logits_to_mask_of_a_local_structure_equals_the_dense_mask(where):
     assert not logits_to_mask(-torch.ones(8, 16, 12), size).any()
 
 
+def test_logits_to_mask_of_a_region_smaller_than_the_logits_skips_unread_slices():
+    # 10 output slices from 32 logit slices read only some of them: positives on an unread slice make no mask.
+    logits = torch.full((32, 64, 64), -5.0)
+    logits[3, 20:30, 20:30] = 5.0
+    size = (10, 40, 40)
+    assert not (logits_to_box(logits, size) > 0).any()
+    mask = logits_to_mask(logits, size)
+    assert mask.shape == size and not mask.any()
+    logits[4, 20:30, 20:30] = 5.0  # a slice that is read: the same as the dense mask
+    np.testing.assert_array_equal(logits_to_mask(logits, size).astype(bool), (logits_to_box(logits, size) > 0).numpy())
+
+
 def test_box_roi_follows_the_box_in_plane_and_bounds_the_depth():
     from raps3d.roi import roi_for_box
 

@@ -178,6 +178,8 @@ def logits_to_mask(logits: torch.Tensor, size: Sequence[int], slab: int = 32, th
         m = _interp_matrix(n_in, n_out)
         reads_positive = positive.any(dim=[a for a in range(3) if a != axis])
         rows = torch.nonzero((m[:, reads_positive] > 0).any(1)).flatten()
+        if len(rows) == 0:  # a small output skips some low-resolution slices: here, every positive one
+            return out
         start, stop = int(rows[0]), int(rows[-1]) + 1
         block.append((m[start:stop], slice(start, stop)))
     (mz, sz), (my, sy), (mx, sx) = block

@@ -57,12 +57,17 @@ class Raps3DUncertainty(ScoringMethod):
             start = time.perf_counter()
             try:
                 score, seed = self._score(engine, path)
-            except (ImageReadError, raps3d.ImageError) as e:
+            except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
                 # Remembered, so the strategy skips it and it is not retried until the file changes.
-                logger.warning(f"Raps-3D scoring: {image_id}: {e}")
+                if isinstance(e, (ImageReadError, raps3d.ImageError)):
+                    error = str(e)
+                    logger.warning(f"Raps-3D scoring: {image_id}: {error}")
+                else:
+                    error = f"{type(e).__name__}: {e}"
+                    logger.exception(f"Raps-3D scoring: {image_id} failed")
                 datastore.update_image_info(image_id, {SCORE_KEY: None, DETAILS_KEY: {
-                    "weights": weights, "file": file_id, "error": str(e), "ts": int(time.time())}})
-                summary["failed"][image_id] = str(e)
+                    "weights": weights, "file": file_id, "error": error, "ts": int(time.time())}})
+                summary["failed"][image_id] = error
                 continue
             datastore.update_image_info(image_id, {SCORE_KEY: score, DETAILS_KEY: {
                 "weights": weights, "file": file_id, "seed_ijk": list(seed[::-1]), "ts": int(time.time()),
