@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from raps3d import ImageError, ImageState, InteractiveObject, PromptError
+from raps3d.predictor import UNDO_STEPS
 from raps3d.sliding_window import sliding_window_zoom_in
 
 from library_fixtures import empty_mask_engine, open_image, real_ct, synthetic_volume, untrained_engine
@@ -73,6 +74,20 @@ def test_undo_restores_previous_state_and_reset_clears(ct):
     obj.add_point((56, 50, 60))
     obj.reset()
     assert obj.result is None and obj.prompts.points == ()
+
+
+def test_undo_reaches_back_a_bounded_number_of_steps(ct):
+    obj = InteractiveObject(ct)
+    results = [obj.add_point((56, 50, 60))]
+    for i in range(UNDO_STEPS + 2):
+        results.append(obj.add_point((50 + i % 5, 45 + i % 7, 60), positive=i % 3 != 2))
+    for expected in results[-2::-1][:UNDO_STEPS]:  # the mask of each earlier step, rebuilt exactly
+        back = obj.undo()
+        assert back.roi == expected.roi and back.cache_hit
+        np.testing.assert_array_equal(back.mask_roi, expected.mask_roi)
+    assert len(obj.prompts.points) == 3  # the first two steps fell out of the history
+    with pytest.raises(PromptError, match="nothing to undo"):
+        obj.undo()
 
 
 def test_box_depth_extent_and_flipped_corners(ct):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,6 +28,9 @@ from .roi import expand_roi, mask_covers, mid_zoom_size, roi_for_box, roi_from_m
 
 # Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
 FEATURE_CACHE_SIZE = 2
+# Interactions an object can undo. The history keeps prompts, region and low-resolution logits per step (the mask
+# is rebuilt from them on undo: a full-resolution mask of a large region is tens of MB).
+UNDO_STEPS = 32
 # A point's zoom-in region is tightened once when its mask fills less than this fraction of it (by box volume).
 TIGHTEN_RATIO = 0.35
 
@@ -136,7 +140,11 @@ class _State:
     prompts: Prompts
     frame: Frame | None
     logits: torch.Tensor | None
-    result: Result | None
+    result: Result | None  # None in the undo history, which keeps only its iou
+    iou: float = 0.0
+
+    def without_mask(self) -> "_State":
+        return replace(self, result=None, iou=self.result.iou if self.result is not None else 0.0)
 
 
 class InteractiveObject:
@@ -147,7 +155,7 @@ class InteractiveObject:
         self.engine = image.engine
         self.use_cache = use_cache
         self._state = _State(Prompts(), None, None, None)
-        self._history: list[_State] = []
+        self._history: deque[_State] = deque(maxlen=UNDO_STEPS)
         self._features: dict[Box, torch.Tensor] = {}
         self.lock = threading.RLock()
         self.last_used = time.monotonic()
@@ -185,7 +193,7 @@ class InteractiveObject:
                 state = self._first_prediction(prompts)
             else:
                 state = self._edit(old, prompts, np.array([p for p, _ in new_points]))
-            self._history.append(old)
+            self._history.append(old.without_mask())
             self._state = state
             return state.result
 
@@ -195,11 +203,12 @@ class InteractiveObject:
             if not self._history:
                 raise PromptError("nothing to undo")
             current = self._state
-            self._state = self._history.pop()
-            result = self._state.result
-            if result is not None and current.result is not None:
-                result = replace(result, changed=current.result.roi.union(result.roi), cache_hit=True, timings={})
-                self._state = replace(self._state, result=result)
+            state = self._history.pop()
+            result = None
+            if state.logits is not None:
+                changed = state.frame.box if current.result is None else current.result.roi.union(state.frame.box)
+                result = self._result(state.frame, state.logits, state.iou, changed, cache_hit=True)
+            self._state = replace(state, result=result)
             return result
 
     def reset(self) -> None:
