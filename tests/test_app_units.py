@@ -3,6 +3,7 @@ the interaction logic and the automatic click."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -133,10 +134,30 @@ def test_read_image_gives_zyx_voxels_and_itk_geometry(tmp_path):
     np.testing.assert_array_equal(volume, array)
     assert volume.flags.c_contiguous and geometry.size == (6, 5, 4) and geometry.shape_zyx == (4, 5, 6)
     key = image_key(path)
+    assert image_key(path) == key
     (tmp_path / "ct.nii.gz").write_bytes(b"changed")
     assert image_key(path) != key  # a changed file is a new image
     with pytest.raises(ImageReadError, match="cannot read 'ct.nii.gz'"):
         read_image(path)
+
+
+def test_an_image_rewritten_with_its_old_size_and_modification_time_is_a_new_image(tmp_path):
+    path = str(tmp_path / "ct.nii")  # uncompressed: new voxels keep the file size
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), -1000, np.int16)), path)
+    key, st = image_key(path), os.stat(path)
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), 40, np.int16)), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old modification time, as cp -p or rsync -a keep it
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    assert image_key(path) != key
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"a" * 10)
+    key = image_key(str(folder))
+    assert image_key(str(folder)) == key
+    st = os.stat(folder / "1.dcm")
+    (folder / "1.dcm").write_bytes(b"b" * 10)
+    os.utime(folder / "1.dcm", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image_key(str(folder)) != key
 
 
 def test_images_that_are_not_ct_in_hounsfield_units_are_refused(tmp_path):

@@ -7,6 +7,7 @@ SimpleITK's array is already (k, j, i) = (z, y, x) and C-contiguous: no transpos
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -54,13 +55,17 @@ class Geometry:
 
 def image_key(path: str) -> tuple:
     """Identity of an image file (or DICOM folder) as it is now: a changed file gets a new key, so cached voxels
-    and sessions of its previous content are never reused."""
+    and sessions of its previous content are never reused. The change time is part of it: copies that keep the
+    modification time (``cp -p``, ``rsync -a``) still change it."""
     real = os.path.realpath(path)
-    st = os.stat(real)
     if os.path.isdir(real):
-        entries = [e.stat() for e in os.scandir(real) if e.is_file()]
-        return real, max((e.st_mtime_ns for e in entries), default=st.st_mtime_ns), len(entries)
-    return real, st.st_mtime_ns, st.st_size
+        entries = sorted((e.name, _stamp(e.stat())) for e in os.scandir(real) if e.is_file())
+        return real, hashlib.sha1(repr(entries).encode()).hexdigest(), len(entries)  # the same in every process
+    return real, _stamp(os.stat(real))
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _itk_reason(error: RuntimeError, path: str) -> str:

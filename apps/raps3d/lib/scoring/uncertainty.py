@@ -29,8 +29,7 @@ DETAILS_KEY = "raps3d_uncertainty_details"
 
 
 def _file_id(path: str) -> str:
-    _, mtime_ns, size = image_key(path)
-    return f"{mtime_ns}:{size}"
+    return ":".join(str(part) for part in image_key(path)[1:])
 
 
 class Raps3DUncertainty(ScoringMethod):
