@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+import SimpleITK as sitk
 
 from conftest import ROOT, SAMPLE_IMAGES, running_server
 
@@ -22,13 +23,16 @@ def train_server(tmp_path_factory):
     studies.mkdir()
     for image in sorted(SAMPLE_IMAGES.glob("*.nii.gz")):
         shutil.copy(image, studies / image.name)
+    # Not CT: phantom_01 with its values shifted out of Hounsfield units (no air), as a normalised image would be.
+    image = sitk.ReadImage(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) + 1100.0, str(studies / "not_ct.nii.gz"))
     with running_server(work, studies, work / "model" / "raps3d.pt") as srv:
         srv.model_path = work / "model" / "raps3d.pt"
         yield srv
 
 
-def save_final_label(srv, image_id: str) -> None:
-    with open(REFERENCE / f"{image_id}_seg.nii.gz", "rb") as f:
+def save_final_label(srv, image_id: str, reference: str | None = None) -> None:
+    with open(REFERENCE / f"{reference or image_id}_seg.nii.gz", "rb") as f:
         r = requests.put(f"{srv.url}/datastore/label", params={"image": image_id, "tag": "final"},
                          files={"label": (f"{image_id}.nii.gz", f)}, timeout=60)
     assert r.status_code == 200, r.text
@@ -60,6 +64,7 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     assert r.json()["model"]["trained"] is False
     for image_id in ("phantom_01", "phantom_02"):
         save_final_label(srv, image_id)
+    save_final_label(srv, "not_ct", reference="phantom_01")
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 3, "batch_size": 2, "publish": "always"},
                       timeout=60)
     assert r.status_code == 200, r.text
@@ -68,6 +73,8 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     stats = train_stats(srv)
     assert stats["status"] == "FINISHED" and stats["epoch"] == 3 and stats["published"] is True
     assert set(stats["train_images"]) | set(stats["val_images"]) == {"phantom_01", "phantom_02"}
+    assert list(stats["skipped_images"]) == ["not_ct"]  # read as inference reads it: refused, and said why
+    assert "does not look like CT in Hounsfield units" in stats["skipped_images"]["not_ct"]
     assert 0.0 <= stats["val_dice"] <= 1.0 and "loss" in stats
     assert srv.model_path.exists()
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t2"})
@@ -90,7 +97,10 @@ def test_stopped_training_leaves_the_served_model_intact(train_server):
     assert requests.delete(f"{srv.url}/train/", timeout=60).status_code == 200
     task = wait_for_training(srv)
     assert task["status"] in ("STOPPED", "ERROR"), task
-    stats = train_stats(srv)  # the killed process could not say so itself
+    deadline = time.monotonic() + 30  # the killed process could not say so itself; once it is gone, it reads so
+    while time.monotonic() < deadline and train_stats(srv).get("status") == "RUNNING":
+        time.sleep(0.5)
+    stats = train_stats(srv)
     assert stats["status"] == "STOPPED" and stats["epoch"] < 500, stats
     assert stats["message"] == "training stopped before it finished; the served model is unchanged"
     assert digest(srv.model_path) == before

@@ -30,6 +30,7 @@ from raps3d.training.data import Case, read_zyx
 from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
+from ..images import ImageReadError, read_image
 from ..options import AppOptions
 
 logger = logging.getLogger(__name__)
@@ -70,57 +71,64 @@ class Raps3DTrain(TrainTask):
     def _write_stats(self, stats: dict) -> None:
         _write_json(self.stats_path, stats)
 
-    def _cases(self, datastore: Datastore) -> list[Case]:
-        cases = []
+    def _cases(self, datastore: Datastore) -> tuple[list[Case], dict[str, str]]:
+        """The labelled images as training cases (read as inference reads them: HU checked, enhanced CT rescaled,
+        DICOM folders), and the images skipped with the reason."""
+        cases, skipped = [], {}
         for image_id in sorted(datastore.get_labeled_images(label_tag=LABEL_TAG)):
-            volume, spacing = read_zyx(Path(datastore.get_image_uri(image_id)))
-            label = read_zyx(Path(datastore.get_label_uri(image_id, LABEL_TAG)))[0]
+            try:
+                volume, geometry = read_image(datastore.get_image_uri(image_id))
+                label = read_zyx(Path(datastore.get_label_uri(image_id, LABEL_TAG)))[0]
+            except (ImageReadError, RuntimeError, OSError) as e:
+                skipped[image_id] = str(e)
+                logger.warning(f"skipping {image_id}: {e}")
+                continue
             if label.shape != volume.shape:
-                logger.warning(f"skipping {image_id}: label shape {label.shape} differs from image {volume.shape}")
+                skipped[image_id] = f"label shape {label.shape} differs from image {volume.shape}"
+                logger.warning(f"skipping {image_id}: {skipped[image_id]}")
                 continue
             structures = {f"label_{v}": label == v for v in np.unique(label) if v != 0}
             structures = {k: m for k, m in structures.items() if m.sum() >= MIN_VOXELS}
             if structures:
-                cases.append(Case(image_id, "datastore", volume, spacing, structures))
-        return cases
+                cases.append(Case(image_id, "datastore", volume, geometry.spacing[::-1], structures))
+        return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
         cfg = {**self.config(), **{k: request[k] for k in self.config() if k in request}}
-        if cfg["publish"] not in ("if_better", "always"):
-            raise ValueError(f"publish must be 'if_better' or 'always', got {cfg['publish']!r}")
-        started = time.time()
-        stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": started, "epoch": 0,
-                 "total_epochs": int(cfg["steps"]), "best_metric": None, "pid": os.getpid(),
-                 "host": socket.gethostname()}
+        stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
+                 "total_epochs": cfg["steps"], "best_metric": None, "pid": os.getpid(), "host": socket.gethostname()}
         self._write_stats(stats)
-        cases = self._cases(datastore)
-        if not cases:
-            stats.update(status="FAILED", error=f"no image has a saved '{LABEL_TAG}' label to train on")
-            self._write_stats(stats)
-            raise ValueError(stats["error"])
-        rng = np.random.default_rng(int(cfg["seed"]))
-        order = rng.permutation(len(cases))
-        n_val = max(1, int(round(len(cases) * float(cfg["val_split"])))) if len(cases) > 1 else 0
-        val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
-        train_cases = [cases[i] for i in order[n_val:]] or cases
-
-        if self.model_path.exists():
-            model, meta = load_model(self.model_path)
-        else:
-            logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
-            model, meta = build_model("lite"), {}
-        gpus = torch.cuda.device_count()
-        device = "cuda" if gpus else "cpu"
-        model.to(device).eval()
-        val_samples = fixed_samples(val_cases, model.config, 16)
-        baseline = quick_dice(model, val_samples)
-        stats.update(baseline_dice=baseline, train_images=[c.name for c in train_cases],
-                     val_images=[c.name for c in val_cases], gpus=gpus)
-        self._write_stats(stats)
-
         scratch = self._scratch
-        try:
+        try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
+            if cfg["publish"] not in ("if_better", "always"):
+                raise ValueError(f"publish must be 'if_better' or 'always', got {cfg['publish']!r}")
             steps = int(cfg["steps"])
+            cases, skipped = self._cases(datastore)
+            stats["skipped_images"] = skipped
+            self._write_stats(stats)
+            if not cases:
+                raise ValueError(f"no image has a saved '{LABEL_TAG}' label to train on"
+                                 + (f" (skipped: {skipped})" if skipped else ""))
+            rng = np.random.default_rng(int(cfg["seed"]))
+            order = rng.permutation(len(cases))
+            n_val = max(1, int(round(len(cases) * float(cfg["val_split"])))) if len(cases) > 1 else 0
+            val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
+            train_cases = [cases[i] for i in order[n_val:]] or cases
+
+            if self.model_path.exists():
+                model, meta = load_model(self.model_path)
+            else:
+                logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
+                model, meta = build_model("lite"), {}
+            gpus = torch.cuda.device_count()
+            device = "cuda" if gpus else "cpu"
+            model.to(device).eval()
+            val_samples = fixed_samples(val_cases, model.config, 16)
+            baseline = quick_dice(model, val_samples)
+            stats.update(baseline_dice=baseline, train_images=[c.name for c in train_cases],
+                         val_images=[c.name for c in val_cases], gpus=gpus)
+            self._write_stats(stats)
+
             train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                     seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
                                     save_every=max(1, steps))
