@@ -59,6 +59,7 @@ def test_a_box_poking_out_of_the_slice_is_clipped():
 @pytest.mark.parametrize("params", [
     {"foreground": [[1, 2, 3, 4]]}, {"foreground": [[True, 2, 3]]}, {"foreground": [[float("nan"), 2, 3]]},
     {"foreground": [[160, 0, 0]]}, {"roi": [0, 10, 0, 10, 60, 70]}, {"box": {"slice": 1}},
+    {"foreground": [[10**400, 2, 3]]}, {"roi": [0, 10, 0, 10, 0, 10**400]},  # too large for a float
 ])
 def test_malformed_prompts_raise(params):
     with pytest.raises(PromptFormatError):

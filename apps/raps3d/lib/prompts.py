@@ -77,9 +77,13 @@ class PromptSet:
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PromptFormatError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise PromptFormatError(f"{what} must be finite, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits (JSON allows it)
+        number = math.inf
+    if not math.isfinite(number):
+        raise PromptFormatError(f"{what} must be finite, got {str(value)[:20]}")
+    return number
 
 
 def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
