@@ -238,6 +238,28 @@ def test_final_label_is_written_to_the_server_as_dicom_seg_with_the_same_voxels(
     np.testing.assert_allclose(decoded.GetDirection(), saved.GetDirection(), atol=1e-6)
 
 
+def test_training_reads_final_labels_back_from_the_server(dicomweb_server, orthanc):
+    from test_app_training import wait_for_training
+
+    phantom = orthanc.series["phantom"]
+    labels = json.loads((ROOT / "sample-data" / "labels.json").read_text())
+    reference = ROOT / "sample-data" / "reference" / "phantom_01_seg.nii.gz"
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": phantom.series_uid, "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": k, "idx": v} for k, v in labels.items()]})},
+                     files={"label": ("label.nii.gz", reference.read_bytes())}, timeout=300)
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:300]}\n{dicomweb_server.log_tail()}"
+    # A trial run (publish: never): the labels come back from the server as SEG series, converted to label maps.
+    r = requests.post(f"{dicomweb_server.url}/train/raps3d", json={"steps": 2, "batch_size": 2, "publish": "never"},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    task = wait_for_training(dicomweb_server)
+    stats = requests.get(f"{dicomweb_server.url}/info/", timeout=30).json()["train_stats"]["raps3d"]
+    assert task["status"] == "DONE" and stats["status"] == "FINISHED", (task, stats, dicomweb_server.log_tail())
+    assert phantom.series_uid in set(stats["train_images"]) | set(stats["val_images"]), stats
+    assert stats["skipped_images"] == {} and stats["epoch"] == 2 and stats["published"] is False
+    assert "kept the served model" in stats["message"]
+
+
 def test_empty_final_label_is_refused_with_400(dicomweb_server, orthanc, tmp_path):
     phantom = orthanc.series["phantom"]
     twin = sitk.ReadImage(str(ROOT / "sample-data" / "images" / "phantom_01.nii.gz"))

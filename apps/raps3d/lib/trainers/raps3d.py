@@ -47,8 +47,8 @@ class Raps3DTrain(TrainTask):
         self.stats_path = self.model_path.with_name(self.model_path.stem + "_train_stats.json")
 
     def config(self):
-        # publish: "if_better" (default: only a candidate at least as good as the served model replaces it) or
-        # "always" (operators who validate elsewhere).
+        # publish: "if_better" (default: only a candidate at least as good as the served model replaces it),
+        # "always" (operators who validate elsewhere) or "never" (a trial run: train and report, serve nothing new).
         return {"steps": 200, "batch_size": 4, "lr": 5e-5, "val_split": 0.2, "seed": 0, "publish": "if_better"}
 
     def stats(self):
@@ -72,25 +72,27 @@ class Raps3DTrain(TrainTask):
         _write_json(self.stats_path, stats)
 
     def _cases(self, datastore: Datastore) -> tuple[list[Case], dict[str, str]]:
-        """The labelled images as training cases (read as inference reads them: HU checked, enhanced CT rescaled,
-        DICOM folders), and the images skipped with the reason."""
+        """The images with a saved final label as training cases (read as inference reads them: HU checked,
+        enhanced CT rescaled, DICOM folders), and the images skipped with the reason. The datastore's training list
+        works for local folders and for DICOMweb (where final labels are DICOM SEG series, fetched and converted)."""
         cases, skipped = [], {}
-        for image_id in sorted(datastore.get_labeled_images(label_tag=LABEL_TAG)):
+        for item in sorted(datastore.datalist(), key=lambda d: d["image"]):
+            name = _image_name(item["image"])
             try:
-                volume, geometry = read_image(datastore.get_image_uri(image_id))
-                label = read_zyx(Path(datastore.get_label_uri(image_id, LABEL_TAG)))[0]
+                volume, geometry = read_image(item["image"])
+                label = read_zyx(Path(item["label"]))[0]
             except (ImageReadError, RuntimeError, OSError) as e:
-                skipped[image_id] = str(e)
-                logger.warning(f"skipping {image_id}: {e}")
+                skipped[name] = str(e)
+                logger.warning(f"skipping {name}: {e}")
                 continue
             if label.shape != volume.shape:
-                skipped[image_id] = f"label shape {label.shape} differs from image {volume.shape}"
-                logger.warning(f"skipping {image_id}: {skipped[image_id]}")
+                skipped[name] = f"label shape {label.shape} differs from image {volume.shape}"
+                logger.warning(f"skipping {name}: {skipped[name]}")
                 continue
             structures = {f"label_{v}": label == v for v in np.unique(label) if v != 0}
             structures = {k: m for k, m in structures.items() if m.sum() >= MIN_VOXELS}
             if structures:
-                cases.append(Case(image_id, "datastore", volume, geometry.spacing[::-1], structures))
+                cases.append(Case(name, "datastore", volume, geometry.spacing[::-1], structures))
         return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
@@ -100,8 +102,8 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         scratch = self._scratch
         try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
-            if cfg["publish"] not in ("if_better", "always"):
-                raise ValueError(f"publish must be 'if_better' or 'always', got {cfg['publish']!r}")
+            if cfg["publish"] not in ("if_better", "always", "never"):
+                raise ValueError(f"publish must be 'if_better', 'always' or 'never', got {cfg['publish']!r}")
             steps = int(cfg["steps"])
             cases, skipped = self._cases(datastore)
             stats["skipped_images"] = skipped
@@ -143,7 +145,7 @@ class Raps3DTrain(TrainTask):
             model, _ = load_model(scratch)
             model.to(device).eval()
             candidate = quick_dice(model, val_samples)
-            published = candidate >= baseline or cfg["publish"] == "always"
+            published = cfg["publish"] == "always" or (cfg["publish"] == "if_better" and candidate >= baseline)
             if published:
                 save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
                                                                                  "baseline_dice": baseline}})
@@ -158,11 +160,20 @@ class Raps3DTrain(TrainTask):
         stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
                      best_metric=max(stats.get("best_metric") or 0.0, candidate),
                      message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
-                              if published else f"kept the served model: validation Dice {candidate:.3f} < "
-                              f"{baseline:.3f}"))
+                              if published else f"kept the served model: validation Dice {candidate:.3f}, served "
+                              f"model's {baseline:.3f}"))
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+def _image_name(path: str) -> str:
+    """The image id a datastore path stands for: its file name without the image extension."""
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _alive(pid, host) -> bool:
