@@ -21,7 +21,7 @@ if str(APP_DIR) not in sys.path:
 
 from lib import interaction  # noqa: E402
 from lib.auto_prompt import soft_tissue_seed  # noqa: E402
-from lib.images import Geometry, ImageReadError, image_key, read_image  # noqa: E402
+from lib.images import Geometry, ImageReadError, image_key, read_image, read_label_on_grid  # noqa: E402
 from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
 from lib.model_service import ModelService  # noqa: E402
 from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
@@ -220,6 +220,25 @@ def test_an_enhanced_ct_file_gets_the_rescale_its_functional_groups_hold(tmp_pat
     sitk.WriteImage(stored, str(tmp_path / "elsewhere.nii.gz"))
     with pytest.raises(ImageReadError, match="does not look like CT in Hounsfield units"):
         read_image(str(tmp_path / "elsewhere.nii.gz"))
+
+
+def test_a_label_on_its_own_grid_is_put_on_the_image_grid(tmp_path):
+    geometry = Geometry((6, 5, 8), (0.5, 0.6, 3.0), (1.0, 2.0, 3.0), (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    full = np.zeros((8, 5, 6), np.uint8)
+    full[3:5, 1:4, 2:5] = 2
+    # As a SEG reads back: only slices 3-4, its origin at slice 3 (3 mm slices along +z).
+    part = sitk.GetImageFromArray(full[3:5].copy())
+    part.SetSpacing(geometry.spacing)
+    part.SetDirection(geometry.direction)
+    part.SetOrigin((1.0, 2.0, 3.0 + 3 * 3.0))
+    sitk.WriteImage(part, str(tmp_path / "part.nii.gz"))
+    np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "part.nii.gz"), geometry), full)
+    sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(full)), str(tmp_path / "same.nii.gz"))
+    np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "same.nii.gz"), geometry), full)
+    part.SetOrigin((1.0, 2.0, 300.0))  # far beyond the image
+    sitk.WriteImage(part, str(tmp_path / "outside.nii.gz"))
+    with pytest.raises(ImageReadError, match="lies outside its image"):
+        read_label_on_grid(str(tmp_path / "outside.nii.gz"), geometry)
 
 
 def test_a_dicom_series_folder_reads_like_its_nifti():

@@ -152,6 +152,25 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
                              "convert the image to HU (rescale slope and intercept) or use a CT series")
 
 
+def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
+    """A label map (z, y, x) on the voxel grid of the image with ``geometry``: resampled (nearest neighbour, 0
+    outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices)."""
+    try:
+        label = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise ImageReadError(f"cannot read the label {os.path.basename(path)!r}: {_itk_reason(e, path)}") from None
+    if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(f"the label {os.path.basename(path)!r} is not a 3D label map")
+    if Geometry.of(label) != geometry:
+        reference = geometry.apply_to(sitk.Image(list(geometry.size), label.GetPixelID()))
+        resampled = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                  label.GetPixelID())
+        if sitk.GetArrayViewFromImage(label).any() and not sitk.GetArrayViewFromImage(resampled).any():
+            raise ImageReadError(f"the label {os.path.basename(path)!r} lies outside its image")
+        label = resampled
+    return sitk.GetArrayFromImage(label)
+
+
 def read_geometry(path: str) -> Geometry:
     """The geometry alone (reads only the header of a file)."""
     try:

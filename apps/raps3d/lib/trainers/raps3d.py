@@ -26,11 +26,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from raps3d import load_model, save_model
 from raps3d.modeling import build_model
-from raps3d.training.data import Case, read_zyx
+from raps3d.training.data import Case
 from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
-from ..images import ImageReadError, read_image
+from ..images import ImageReadError, read_image, read_label_on_grid
 from ..options import AppOptions
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,10 @@ class Raps3DTrain(TrainTask):
             name = _image_name(item["image"])
             try:
                 volume, geometry = read_image(item["image"])
-                label = read_zyx(Path(item["label"]))[0]
+                label = read_label_on_grid(item["label"], geometry)
             except (ImageReadError, RuntimeError, OSError) as e:
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
-                continue
-            if label.shape != volume.shape:
-                skipped[name] = f"label shape {label.shape} differs from image {volume.shape}"
-                logger.warning(f"skipping {name}: {skipped[name]}")
                 continue
             structures = {f"label_{v}": label == v for v in np.unique(label) if v != 0}
             structures = {k: m for k, m in structures.items() if m.sum() >= MIN_VOXELS}
