@@ -3,7 +3,8 @@
 #   orthanc, orthanc-dicomweb  a DICOMweb server; the tests start their own instance (own config, port, storage)
 #   chromium                   headless browser for the OHIF test, driven over the DevTools protocol
 #   fonts-dejavu-core          a font, so that screenshots show text
-# It configures and starts nothing: no service is enabled or used by the tests.
+# It configures and starts nothing: Debian would start the Orthanc service on install (ports 8042 and 4242, no
+# authentication), so a policy-rc.d that forbids service starts is in place while it installs.
 # Without root it uses sudo when available, else says what to install and carries on (those tests then skip).
 set -euo pipefail
 
@@ -34,7 +35,18 @@ fi
 start=$(date +%s)
 export DEBIAN_FRONTEND=noninteractive
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+cleanup() {
+    rm -f "$log"
+    if [ "$made_policy" = 1 ]; then "${SUDO[@]}" rm -f "$policy"; fi
+}
+trap cleanup EXIT
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# no service starts while the test packages install\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    made_policy=1
+fi
 if ! { "${SUDO[@]}" apt-get update -qq &&
        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"; } >"$log" 2>&1; then

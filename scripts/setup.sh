@@ -3,7 +3,6 @@
 # requirements.txt or lib/pyproject.toml changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-system.sh  # Debian packages of the viewer tests (Orthanc + DICOMweb, Chromium), when missing
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
