@@ -45,7 +45,12 @@ class Raps3DUncertainty(ScoringMethod):
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         summary = {"scored": {}, "unchanged": [], "failed": {}}
         for image_id in images:
-            path = datastore.get_image_uri(image_id)
+            try:  # over DICOMweb this fetches and converts the series: one that fails must not stop the pass
+                path = datastore.get_image_uri(image_id)
+            except Exception as e:  # noqa: BLE001 - not recorded: a server that is down now may answer next time
+                logger.warning(f"Raps-3D scoring: {image_id} cannot be fetched: {type(e).__name__}: {e}")
+                summary["failed"][image_id] = f"cannot be fetched: {type(e).__name__}: {e}"
+                continue
             if not path or not os.path.exists(path):
                 continue
             file_id = _file_id(path)
