@@ -259,8 +259,16 @@ def test_options_from_conf_then_environment_then_defaults():
     assert (opts.max_images, opts.device, opts.labels) == (2, "cpu", ("a", "b"))
     with pytest.raises(ValueError, match="max_objects"):
         AppOptions.from_conf({"max_objects": "many"}, {})
-    with pytest.raises(ValueError, match="device"):
-        AppOptions.from_conf({"device": "tpu"}, {})
+    for device in ("tpu", "cudax", "cuda:abc"):
+        with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
+            AppOptions.from_conf({"device": device}, {})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch finds no CUDA GPU here"):
+            AppOptions.from_conf({"device": "cuda"}, {})
+    with pytest.raises(ValueError, match="idle_seconds"):
+        AppOptions.from_conf({"idle_seconds": "nan"}, {})
+    with pytest.raises(ValueError, match="result_dir"):
+        AppOptions.from_conf({"result_dir": "/nonexistent/folder"}, {})
 
 
 # -- model service ----------------------------------------------------------------------------------------------------

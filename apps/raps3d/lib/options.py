@@ -3,7 +3,9 @@ else defaults. Parsed once, when the app object is built, so a typo fails at sta
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ class AppOptions:
                 parsed = kind(value)
             except ValueError:
                 raise ValueError(f"option {key!r} must be a {kind.__name__}, got {value!r}") from None
-            if parsed < minimum:
+            if not math.isfinite(parsed) or parsed < minimum:
                 raise ValueError(f"option {key!r} must be >= {minimum}, got {value!r}")
             return parsed
 
@@ -62,9 +64,10 @@ class AppOptions:
                 return False
             raise ValueError(f"option {key!r} must be true or false, got {value!r}")
 
-        device = (raw("device") or "auto").lower()
-        if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+        device = _checked_device((raw("device") or "auto").lower())
+        result_dir = raw("result_dir") or ""
+        if result_dir and not (os.path.isdir(result_dir) and os.access(result_dir, os.W_OK)):
+            raise ValueError(f"option 'result_dir' must be a writable folder, got {result_dir!r}")
         labels = raw("labels")
         return AppOptions(
             model_path=Path(raw("model_path") or DEFAULT_MODEL_PATH).expanduser(),
@@ -75,6 +78,23 @@ class AppOptions:
             max_objects=number("max_objects", int, 64, 1),
             idle_seconds=number("idle_seconds", float, 3600.0, 1.0),
             labels=tuple(s.strip() for s in labels.split(",") if s.strip()) if labels else DEFAULT_LABELS,
-            result_dir=raw("result_dir") or "",
+            result_dir=result_dir,
             reserve_seconds=number("reserve_seconds", float, 600.0, 0.0),
         )
+
+
+def _checked_device(device: str) -> str:
+    """``device`` if this machine has it (a GPU asked for must be there: otherwise every request would fail)."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"option 'device' is {device!r}, but torch finds no CUDA GPU here; use cpu or auto")
+        index = int(match.group(1) or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"option 'device' is {device!r}, but this machine has {torch.cuda.device_count()} "
+                             "CUDA GPU(s)")
+    return device
