@@ -286,6 +286,16 @@ def test_empty_final_label_is_refused_with_400(dicomweb_server, orthanc, tmp_pat
     assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
 
 
+def test_final_label_of_an_unknown_series_is_404(dicomweb_server, tmp_path):
+    path = tmp_path / "label.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, 4, sitk.sitkUInt8) + 1, str(path))
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": "1.2.3.4.5.999", "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": "liver"}]})},
+                     files={"label": ("label.nii.gz", path.read_bytes())}, timeout=120)
+    assert r.status_code == 404, r.text[:300]
+    assert r.json()["detail"] == "series '1.2.3.4.5.999' is not on the DICOMweb server"
+
+
 def test_local_dicom_folders_get_the_same_geometry_checks(tmp_path):
     """The same refusal when a DICOM folder is read directly (a local studies folder), without any server."""
     import shutil

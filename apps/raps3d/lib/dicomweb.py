@@ -6,8 +6,9 @@
   its GDCM plugin cannot transcode JPEG 2000) then answer 500 and the image never opens.
 - Nothing is downloaded at start: MONAI Label fetches dcmqi (used to write DICOM SEG) from the internet when
   ``itkimage2segimage`` is not on PATH. The ``dcmqi`` Python package provides it; its folder is put on PATH here.
-- Fetch errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be converted)
-  instead of MONAI Label's bare 500; so does saving an empty ``final`` label (400).
+- Fetch and save errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be
+  converted or a label that cannot be written as SEG) instead of MONAI Label's bare 500; so does saving an empty
+  ``final`` label (400).
 
 Everything else (listing series, caching, writing ``final`` labels back as DICOM SEG) is MONAI Label's own
 ``DICOMWebDatastore``, configured by its usual settings (``MONAI_LABEL_DICOMWEB_*``, ``MONAI_LABEL_*_PREFIX``).
@@ -15,6 +16,7 @@ Everything else (listing series, caching, writing ``final`` labels back as DICOM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -42,13 +44,14 @@ class StoredSyntaxClient(DICOMwebClientX):
 
 class Raps3DDICOMWebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore; a ``final`` label without any labelled voxel is refused (400) instead of
-    failing inside the DICOM SEG writer (a bare 500)."""
+    failing inside the DICOM SEG writer (a bare 500), and other failures to save one are clear HTTP errors."""
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
             raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
                                                         "which needs at least one labelled voxel")
-        return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+        with http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
+            return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
 
 
 def _is_empty(label_file: str) -> bool:
@@ -115,8 +118,20 @@ def make_datastore(studies: str) -> DICOMWebDatastore:
 
 def fetch_series(datastore: DICOMWebDatastore, series_uid: str) -> str:
     """The local file (or folder) of a series, fetched and converted on first use; errors as HTTPExceptions."""
-    try:
+    with http_errors(series_uid, "send series", f"series {series_uid!r} cannot be converted to a volume (unsupported "
+                     "encoding or not an image series)"):
         return datastore.get_image_uri(series_uid)
+
+
+@contextlib.contextmanager
+def http_errors(series_uid: str, server_action: str, unprocessable: str):
+    """MONAI Label's DICOMweb failures as clear HTTP errors: 404 for a series the server does not have, 502 when
+    the server fails (``server_action``: what it failed to do) or cannot be reached, 422 (``unprocessable``: what
+    could not be done, with the tool's reason) when a conversion fails."""
+    try:
+        yield
+    except HTTPException:
+        raise
     except IndexError:  # MONAI Label's lookup of the series' study found nothing
         raise HTTPException(status_code=404, detail=f"series {series_uid!r} is not on the DICOMweb server") from None
     except requests.HTTPError as e:
@@ -124,14 +139,12 @@ def fetch_series(datastore: DICOMWebDatastore, series_uid: str) -> str:
         if status == 404:
             raise HTTPException(status_code=404,
                                 detail=f"series {series_uid!r} is not on the DICOMweb server") from None
-        raise HTTPException(status_code=502, detail=f"the DICOMweb server failed to send series {series_uid!r}: "
-                                                    f"HTTP {status}") from None
+        raise HTTPException(status_code=502, detail=f"the DICOMweb server failed to {server_action} "
+                                                    f"{series_uid!r}: HTTP {status}") from None
     except requests.RequestException as e:
         raise HTTPException(status_code=502, detail=f"the DICOMweb server cannot be reached: "
                                                     f"{type(e).__name__}") from None
-    except (RuntimeError, ValueError, OSError) as e:  # SimpleITK/GDCM cannot decode or assemble the series
+    except (RuntimeError, ValueError, OSError) as e:  # SimpleITK/GDCM or dcmqi could not convert
         text = str(e).strip().splitlines()
         reason = text[-1] if text else type(e).__name__
-        raise HTTPException(status_code=422, detail=f"series {series_uid!r} cannot be converted to a volume "
-                                                    f"(unsupported encoding or not an image series): {reason}"
-                            ) from None
+        raise HTTPException(status_code=422, detail=f"{unprocessable}: {reason}") from None
