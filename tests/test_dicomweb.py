@@ -8,6 +8,7 @@ Requests are what OHIF sends (image = SeriesInstanceUID, NRRD replies); see test
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -319,3 +320,30 @@ def test_local_dicom_folders_get_the_same_geometry_checks(tmp_path):
     if tilted.is_dir():
         with pytest.raises(ImageReadError, match="gantry-tilted"):
             read_image(str(tilted))
+
+
+def test_one_process_at_a_time_fetches_a_series_into_the_cache(orthanc, tmp_path):
+    """The server and its scoring subprocess share the cache: a fetch waits while another holds the series."""
+    import sys
+    import threading
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from lib import dicomweb
+
+    phantom = orthanc.series["phantom"]
+    client = dicomweb.StoredSyntaxClient(url=orthanc.dicomweb, session=create_session_from_user_pass(*orthanc.auth))
+    store = dicomweb.Raps3DDICOMWebDatastore(client=client, search_filter={"Modality": "CT"},
+                                             cache_path=str(tmp_path))
+    image_dir = os.path.realpath(os.path.join(store._datastore.image_path(), phantom.series_uid))
+    got = {}
+    with dicomweb.series_lock(image_dir):  # another process fetching this series
+        worker = threading.Thread(target=lambda: got.update(path=store.get_image_uri(phantom.series_uid)))
+        worker.start()
+        worker.join(2.0)
+        assert worker.is_alive() and not os.path.exists(image_dir)  # waiting, nothing written
+    worker.join(120)
+    assert not worker.is_alive()
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(got["path"]))
+    assert volume.shape == (48, 128, 160) and len(os.listdir(image_dir)) == 48

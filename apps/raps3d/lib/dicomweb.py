@@ -17,10 +17,13 @@ Everything else (listing series, caching, writing ``final`` labels back as DICOM
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import sys
+import tempfile
 
 import requests
 from fastapi import HTTPException
@@ -46,12 +49,38 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore; a ``final`` label without any labelled voxel is refused (400) instead of
     failing inside the DICOM SEG writer (a bare 500), and other failures to save one are clear HTTP errors."""
 
+    def get_image_uri(self, image_id: str) -> str:
+        # MONAI Label downloads a series into its cache folder when that folder is empty, and converts whatever the
+        # folder holds. The server and its scoring subprocess may fetch the same series at once: one at a time here,
+        # or one would convert the other's half-written folder. A failed download leaves no partial folder behind.
+        image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        with series_lock(image_dir):
+            fresh = not os.path.isdir(image_dir) or not os.listdir(image_dir)
+            try:
+                return super().get_image_uri(image_id)
+            except BaseException:
+                if fresh:
+                    shutil.rmtree(image_dir, ignore_errors=True)
+                raise
+
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
             raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
                                                         "which needs at least one labelled voxel")
         with http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+
+@contextlib.contextmanager
+def series_lock(image_dir: str):
+    """An exclusive lock, across the processes of this machine, on one series' cache folder."""
+    digest = hashlib.sha1(image_dir.encode()).hexdigest()[:20]
+    with open(os.path.join(tempfile.gettempdir(), f"raps3d-series-{digest}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_empty(label_file: str) -> bool:
