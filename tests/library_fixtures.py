@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,9 @@ import torch
 from raps3d import Engine, ImageState
 from raps3d.modeling import build_model
 from raps3d.training.data import data_root, read_zyx
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"
 
 
 def untrained_engine(seed: int = 0) -> Engine:

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from raps3d import ImageError, ImageState, InteractiveObject, PromptError
+from raps3d import Engine, ImageError, ImageState, InteractiveObject, PromptError, load_model
 from raps3d.predictor import UNDO_STEPS
 from raps3d.sliding_window import sliding_window_zoom_in
 
-from library_fixtures import empty_mask_engine, open_image, real_ct, synthetic_volume, untrained_engine
+from library_fixtures import SHIPPED_MODEL, empty_mask_engine, open_image, real_ct, synthetic_volume, untrained_engine
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,13 @@ def engine():
 def ct(engine):
     volume, spacing = real_ct("totalsegmentator/example_ct.nii.gz")
     return ImageState(engine, volume, spacing)
+
+
+@pytest.fixture(scope="module")
+def shipped_ct():
+    """The same CT with the shipped model: masks that are not empty, so comparing them means something."""
+    volume, spacing = real_ct("totalsegmentator/example_ct.nii.gz")
+    return ImageState(Engine(load_model(SHIPPED_MODEL)[0]), volume, spacing)
 
 
 def test_first_point_runs_zoom_out_then_zoom_in_around_the_prompt(ct):
@@ -61,10 +68,11 @@ def test_zoom_out_features_are_shared_between_objects(ct):
     assert r.timings["zoom_out_cached"] is True
 
 
-def test_undo_restores_previous_state_and_reset_clears(ct):
-    obj = InteractiveObject(ct)
+def test_undo_restores_previous_state_and_reset_clears(shipped_ct):
+    obj = InteractiveObject(shipped_ct)
     first = obj.add_point((56, 50, 60))
-    obj.add_point((5, 95, 118))
+    second = obj.add_point((5, 95, 118))
+    assert first.mask_roi.any() and second.roi != first.roi
     back = obj.undo()
     assert back.roi == first.roi and len(obj.prompts.points) == 1
     np.testing.assert_array_equal(back.mask_roi, first.mask_roi)
@@ -76,11 +84,12 @@ def test_undo_restores_previous_state_and_reset_clears(ct):
     assert obj.result is None and obj.prompts.points == ()
 
 
-def test_undo_reaches_back_a_bounded_number_of_steps(ct):
-    obj = InteractiveObject(ct)
+def test_undo_reaches_back_a_bounded_number_of_steps(shipped_ct):
+    obj = InteractiveObject(shipped_ct)
     results = [obj.add_point((56, 50, 60))]
     for i in range(UNDO_STEPS + 2):
         results.append(obj.add_point((50 + i % 5, 45 + i % 7, 60), positive=i % 3 != 2))
+    assert all(r.mask_roi.any() for r in results) and len({r.mask_roi.tobytes() for r in results}) > 10
     for expected in results[-2::-1][:UNDO_STEPS]:  # the mask of each earlier step, rebuilt exactly
         back = obj.undo()
         assert back.roi == expected.roi and back.cache_hit
@@ -90,10 +99,10 @@ def test_undo_reaches_back_a_bounded_number_of_steps(ct):
         obj.undo()
 
 
-def test_box_depth_extent_and_flipped_corners(ct):
-    a = InteractiveObject(ct).add_box(56, (40, 50), (60, 70))
-    b = InteractiveObject(ct).add_box(56, (60, 70), (40, 50))  # corners given the other way round
-    assert a.roi == b.roi
+def test_box_depth_extent_and_flipped_corners(shipped_ct):
+    a = InteractiveObject(shipped_ct).add_box(56, (40, 50), (60, 70))
+    b = InteractiveObject(shipped_ct).add_box(56, (60, 70), (40, 50))  # corners given the other way round
+    assert a.roi == b.roi and a.mask_roi.any()
     np.testing.assert_array_equal(a.mask_roi, b.mask_roi)
     assert a.roi.start[0] < 56 < a.roi.stop[0] - 1  # the slice box looks above and below its slice
 
