@@ -51,7 +51,7 @@ def main() -> None:
                 if kind == "box":
                     result = obj.add_box(*largest_slice_box(reference))
                 else:
-                    result = obj.add_point(tuple(centre_point(reference)))
+                    result = obj.add_point(tuple(centre_point(reference, image.spacing)))
                 coords, labels = obj.prompts.coords_labels()  # the prompt as the predictor encoded it
                 logits, _ = engine.decode(features, frame.to_frame(coords), labels, None, kind == "point")
                 oracle = np.zeros(reference.shape, bool)

@@ -74,14 +74,37 @@ def test_simulated_clicks_follow_the_protocol():
 def test_centre_point_matches_the_full_grid_distance_transform():
     from scipy import ndimage
     rng = np.random.default_rng(7)
-    for _ in range(20):
+    for i in range(20):
         mask = ndimage.binary_dilation(rng.random((12, 20, 24)) > 0.97, iterations=int(rng.integers(1, 4)))
         mask[:, :, :int(rng.integers(0, 10))] = False  # some masks touch the grid's edge, some do not
         if not mask.any():
             continue
-        full = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
-        expected = np.unravel_index(int(np.argmax(full)), mask.shape)
-        assert tuple(centre_point(mask).astype(int)) == expected
+        spacing = (2.5, 0.7, 0.7) if i % 2 else None
+        full = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+        point = centre_point(mask, spacing).astype(int)
+        assert mask[tuple(point)] and full[tuple(point)] == full.max()
+
+
+def test_centre_point_of_a_tube_is_its_middle_and_depth_is_measured_in_mm():
+    tube = np.zeros((40, 9, 9), bool)
+    tube[5:36, 4, 4] = True  # every voxel equally deep: the middle one, not the first
+    assert tuple(centre_point(tube).astype(int)) == (20, 4, 4)
+    slab = np.zeros((7, 30, 30), bool)
+    slab[1:6, 5:25, 5:25] = True  # 5 slices of 2.5 mm (12.5 mm) by 20 x 20 voxels of 0.7 mm (14 mm)
+    z, y, x = centre_point(slab, spacing=(2.5, 0.7, 0.7)).astype(int)
+    assert z == 3 and 14 <= y <= 15 and 14 <= x <= 15
+
+
+def test_corrective_click_keeps_missed_and_wrongly_added_voxels_apart():
+    ref = np.zeros((10, 20, 30), bool)
+    ref[2:8, 5:15, 6:10] = True
+    pred = np.zeros_like(ref)
+    pred[2:8, 5:15, 10:14] = True  # the same plate beside it, touching: one blob of errors, of two kinds
+    point, positive = corrective_click(pred, ref)
+    assert positive and point[2] in (7, 8)  # the middle of the missed plate, not the seam between the two
+    pred[2:8, 5:15, 10:16] = True  # now the wrongly added part is the larger
+    point, positive = corrective_click(pred, ref)
+    assert not positive and point[2] in (12, 13)
 
 
 def _distributed_worker(rank, world, port, cases, out, result_dir):

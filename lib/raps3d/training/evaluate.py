@@ -1,8 +1,9 @@
 """The paper's Table 1 protocol on held-out volumes, through the predictor's real interaction path.
 
 For each structure: (1) one 2D box, the tight box of the reference on its largest slice; (2) one positive point at
-the structure's centre (maximum of the distance transform). Then 3 corrective clicks, each at the centre of the
-largest error region (positive where missed, negative where wrong), as edits of the same object.
+the structure's centre (maximum of the distance transform in mm; of equally deep voxels, the one nearest the
+centroid). Then 3 corrective clicks, each at the centre of the largest error region (positive in a region of missed
+voxels, negative in a region of wrongly added ones; the two kinds are separate regions), as edits of the same object.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def evaluate_structure(image: ImageState, reference: np.ndarray, prompt: str) ->
         z, a, b = largest_slice_box(reference)
         result = obj.add_box(z, a, b)
     else:
-        result = obj.add_point(tuple(centre_point(reference)))
+        result = obj.add_point(tuple(centre_point(reference, image.spacing)))
     seconds = [time.perf_counter() - t]
     mask = result.full_mask().astype(bool)
     dices = [dice(mask, reference)]
     for _ in range(EDITS):
-        click = corrective_click(mask, reference)
+        click = corrective_click(mask, reference, image.spacing)
         if click is None:
             dices.append(dices[-1])
             continue
