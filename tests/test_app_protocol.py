@@ -152,3 +152,34 @@ def test_every_output_mode(server, output):
     else:
         reply, content, filename = server.multipart(r)
         assert reply["label_names"] == {"liver": 1} and filename.endswith(".nii.gz") and content
+
+
+def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
+    """What the server sends is the library's mask for the same prompt, model and image, voxel for voxel (a label
+    mirrored, shifted or transposed on its way out would differ)."""
+    import sys
+
+    import torch
+
+    from conftest import APP_DIR, SAMPLE_IMAGES
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.images import read_image
+    from lib.model_service import UNTRAINED_CONFIG, UNTRAINED_SEED
+    from raps3d import Engine, ImageState, InteractiveObject
+    from raps3d.modeling import build_model
+
+    volume, geometry = read_image(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
+        model = build_model(UNTRAINED_CONFIG)
+    image = ImageState(Engine(model), volume, geometry.spacing[::-1])
+    for params, prompt in (({"foreground": [CLICK]}, lambda o: o.add_point(CLICK[::-1])),
+                           ({"roi": [60, 110, 40, 90, 24, 24]}, lambda o: o.add_box(24, (40, 60), (90, 110)))):
+        expected = prompt(InteractiveObject(image)).full_mask().transpose(2, 1, 0)  # (z, y, x) -> [i, j, k]
+        assert 1000 < expected.sum() < expected.size / 2, expected.sum()  # a real, partial mask
+        label, _ = _label(server, IMAGE, {**params, "label": "liver", "client_id": f"library-{sorted(params)[0]}"})
+        assert label.shape == expected.shape
+        disagree = int((label.astype(bool) != expected.astype(bool)).sum())
+        assert disagree <= 0.001 * expected.sum(), (params, disagree, int(expected.sum()))
