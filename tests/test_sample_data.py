@@ -146,7 +146,7 @@ def test_dicom_headers():
     assert float(first.RescaleSlope) == 1.0 and float(first.SliceThickness) == pytest.approx(3.0)
     assert float(first.SpacingBetweenSlices) == pytest.approx(3.0)
     assert [float(x) for x in first.PixelSpacing] == pytest.approx([0.9, 0.9])
-    assert first.BitsAllocated == 16 and first.PixelRepresentation in (0, 1)
+    assert first.BitsAllocated == 16 and first.PixelRepresentation == 1  # signed: HU stored as is
     zs = sorted(float(h.ImagePositionPatient[2]) for h in headers)
     np.testing.assert_allclose(np.diff(zs), 3.0, atol=1e-4)
 

@@ -39,8 +39,7 @@ def _dices(engine, cases, structures=None, prompt="box"):
 
 @pytest.fixture(scope="module")
 def engine():
-    if not MODEL.exists():
-        pytest.skip("no shipped checkpoint")
+    assert MODEL.exists(), f"the shipped checkpoint {MODEL.name} is missing from model/"
     return Engine(load_model(MODEL)[0])
 
 

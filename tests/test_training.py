@@ -33,9 +33,14 @@ def test_train_resume_and_checkpoint(cases, tmp_path):
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     loaded, meta2 = load_model(out)
     assert meta2["train_state"]["step"] == 4
+    after, earlier = [], [dict(e) for e in meta2["train_state"]["history"]]
+    seconds_before = meta2["train_state"]["seconds"]
     resumed = train(loaded, cases, out, TrainConfig(steps=6, batch_size=2, log_every=2, save_every=2),
-                    resume=meta2["train_state"])
-    assert resumed["train_state"]["step"] == 6 and len(resumed["train_state"]["history"]) == 3
+                    resume=meta2["train_state"], progress=after.append)
+    assert [e["step"] for e in after] == [6]  # it went on from step 4, it did not start again
+    history = resumed["train_state"]["history"]
+    assert len(history) == 3 and history[:2] == earlier
+    assert resumed["train_state"]["seconds"] > seconds_before
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no scratch files
 
 
@@ -43,9 +48,12 @@ def test_bf16_autocast_trains_fp32_weights(cases, tmp_path):
     torch.manual_seed(0)
     model = build_model("lite")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = []
+    losses, dtypes = [], set()
+    hook = model.mask_decoder.register_forward_hook(lambda module, args, out: dtypes.add(out[0].dtype))
     train(model, cases, tmp_path / "m.pt", TrainConfig(steps=2, batch_size=2, log_every=1, save_every=2, bf16=True),
           progress=losses.append)
+    hook.remove()
+    assert dtypes == {torch.bfloat16}  # the forward pass ran under autocast
     assert len(losses) == 2 and all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in losses)
     after = model.state_dict()
     assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
