@@ -141,17 +141,24 @@ def test_labels_of_one_client_are_separate_objects(server):
     assert liver["cache"] == "repeat"
 
 
-@pytest.mark.parametrize("output", [None, "json", "image"])
-def test_every_output_mode(server, output):
-    params = {"foreground": [CLICK], "label": "liver", "client_id": f"output-{output}"}
-    r = server.infer_ok(IMAGE, params, output=output)
-    if output == "json":
-        assert r.json()["label_names"] == {"liver": 1}
-    elif output == "image":
-        assert r.content[:2] == b"\x1f\x8b"  # the default format, .nii.gz
-    else:
-        reply, content, filename = server.multipart(r)
-        assert reply["label_names"] == {"liver": 1} and filename.endswith(".nii.gz") and content
+def test_every_output_mode_sends_the_same_label(server, tmp_path):
+    import SimpleITK as sitk
+
+    from conftest import SAMPLE_IMAGES
+
+    params = {"foreground": [CLICK], "label": "liver", "client_id": "output-modes"}
+    assert server.infer_ok(IMAGE, params, output="json").json()["label_names"] == {"liver": 1}
+    reply, content, filename = server.multipart(server.infer_ok(IMAGE, params, output=None))
+    assert reply["label_names"] == {"liver": 1} and filename.endswith(".nii.gz")
+    image_only = server.infer_ok(IMAGE, params, output="image").content  # the default format, .nii.gz
+    ct = sitk.ReadImage(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    labels = [server.image_from_bytes(data, ".nii.gz", tmp_path) for data in (content, image_only)]
+    for label in labels:  # on the image's grid
+        assert label.GetSize() == ct.GetSize() and label.GetOrigin() == pytest.approx(ct.GetOrigin())
+        assert label.GetSpacing() == pytest.approx(ct.GetSpacing())
+    voxels = [sitk.GetArrayFromImage(label) for label in labels]
+    assert voxels[0].sum() > 0 and set(np.unique(voxels[0])) == {0, 1}
+    np.testing.assert_array_equal(voxels[0], voxels[1])
 
 
 def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
