@@ -54,6 +54,16 @@ def test_calibration_command_stores_the_best_threshold(tmp_path):
     best = max(cal["scores"], key=lambda k: (cal["scores"][k], float(k)))
     assert float(model.mask_threshold) == cal["mask_threshold"] == float(best)
     assert len(cal["cases"]) == 3 and all(0 <= s <= 1 for s in cal["scores"].values())
+    # A stored score is the protocol's score of that threshold on those cases, computed again here.
+    from raps3d.training.calibrate import score
+    from raps3d.training.data import lidc_cases, openkbp_cases
+    from raps3d.training.evaluate import evaluate
+
+    engine = Engine(load_model(tmp_path / "in.pt")[0])
+    engine.mask_threshold = -2.0
+    cases = openkbp_cases("train", 1) + lidc_cases(False, 2)
+    assert [c.name for c in cases] == cal["cases"]
+    assert score(evaluate(engine, cases)) == pytest.approx(cal["scores"]["-2.0"], abs=2e-3)
     before = load_model(tmp_path / "in.pt")[0].state_dict()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k != "mask_threshold")  # only the threshold
