@@ -47,14 +47,14 @@ def source_series_folder(path: str) -> str | None:
         if path.endswith(suffix):
             folder = path[: -len(suffix)]
             if os.path.isdir(folder):
-                headers = _read_headers(folder)
                 uid = os.path.basename(folder)
-                if headers and any(str(h.get("SeriesInstanceUID", "")) == uid for h in headers):
+                headers = _read_headers(folder, ["SeriesInstanceUID"])  # only this tag: the rest is read later
+                if any(str(h.get("SeriesInstanceUID", "")) == uid for h in headers):
                     return folder
     return None
 
 
-def _read_headers(folder: str) -> list:
+def _read_headers(folder: str, tags: list[str] = _TAGS) -> list:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -63,7 +63,7 @@ def _read_headers(folder: str) -> list:
         if not entry.is_file():
             continue
         try:
-            headers.append(pydicom.dcmread(entry.path, stop_before_pixels=True, specific_tags=_TAGS))
+            headers.append(pydicom.dcmread(entry.path, stop_before_pixels=True, specific_tags=tags))
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
     return headers
