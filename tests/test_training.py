@@ -9,7 +9,7 @@ from raps3d.checkpoint import read_checkpoint
 from raps3d.modeling import build_model
 from raps3d.training.clicks import centre_point, corrective_click, largest_slice_box
 from raps3d.training.data import openkbp_cases
-from raps3d.training.train import TrainConfig, train
+from raps3d.training.train import TrainConfig, resume_state_path, train
 
 from library_fixtures import real_ct
 
@@ -42,6 +42,40 @@ def test_train_resume_and_checkpoint(cases, tmp_path):
     assert len(history) == 3 and history[:2] == earlier
     assert resumed["train_state"]["seconds"] > seconds_before
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no scratch files
+
+
+def _adam_step(state: dict) -> int:
+    return int(next(iter(state["optimizer"]["state"].values()))["step"])
+
+
+def test_exact_resume_keeps_fp32_weights_and_adam_moments(cases, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lite")
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, save_every=3)
+    meta = train(model, cases, out, cfg, keep_resume_state=True)
+    state = torch.load(resume_state_path(out), weights_only=True)
+    assert state["step"] == 3 and _adam_step(state) == 3
+    fp32 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(state["model"][k], v) for k, v in fp32.items())
+
+    loaded, meta2 = load_model(out)  # fp16 round trip: not the weights training had
+    assert any(not torch.equal(loaded.state_dict()[k], v) for k, v in fp32.items() if v.is_floating_point())
+    train(loaded, cases, out, cfg, resume=meta2["train_state"], keep_resume_state=True)  # no step left: restore only
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in fp32.items())
+    train(loaded, cases, out, TrainConfig(steps=4, batch_size=2, log_every=1, save_every=4),
+          resume=meta2["train_state"], keep_resume_state=True)
+    resumed = torch.load(resume_state_path(out), weights_only=True)
+    assert resumed["step"] == 4 and _adam_step(resumed) == 4  # the moments went on, they did not restart at 0
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == 0.0  # the schedule ends at step 4, as if never stopped
+
+    # A resume state of another step (a run killed between its two writes) is not used: moments restart.
+    stale = dict(resumed, step=2)
+    torch.save(stale, resume_state_path(out))
+    loaded, meta3 = load_model(out)
+    train(loaded, cases, out, TrainConfig(steps=5, batch_size=2, log_every=1, save_every=5),
+          resume=meta3["train_state"], keep_resume_state=True)
+    assert _adam_step(torch.load(resume_state_path(out), weights_only=True)) == 1
 
 
 def test_bf16_autocast_trains_fp32_weights(cases, tmp_path):

@@ -19,10 +19,15 @@ FORMAT = "raps3d-checkpoint-v1"
 
 
 def save_model(model: Raps3D, path: str | os.PathLike, meta: dict | None = None, half: bool = True) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, "meta": meta or {}}
+    return save_atomic(payload, path)
+
+
+def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file beside ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

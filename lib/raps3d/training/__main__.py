@@ -39,7 +39,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="lite", help="model configuration for a new model (lite or segvol)")
     p.add_argument("--out", required=True, help="checkpoint to write (and to resume from with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out if it exists (exactly, with the fp32 weights and AdamW state that "
+                        "each save keeps beside it in OUT.resume)")
     p.add_argument("--init", help="start from the weights of this checkpoint (fine-tuning)")
     p.add_argument("--steps", type=int, default=2000, help="total steps (a resumed run continues up to this)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
                       seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction,
                       bf16=args.bf16)
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
-                 dataset_weights=weights, meta=meta)
+                 dataset_weights=weights, meta=meta, keep_resume_state=True)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
 
 

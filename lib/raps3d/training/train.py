@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import save_model
+from ..checkpoint import save_atomic, save_model
 from ..modeling import NEGATIVE, POSITIVE, Raps3D
 from .clicks import corrective_click
 from .data import Case
@@ -189,6 +189,29 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
                                     "clicks": n_clicks}
 
 
+def resume_state_path(out_path: str | Path) -> Path:
+    """Where a run keeps what an exact resume needs beyond its fp16 checkpoint: fp32 weights, AdamW's moments."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".resume")
+
+
+def _restore_resume_state(model: Raps3D, opt: torch.optim.Optimizer, path: Path, step: int, lr: float) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    except Exception as e:  # truncated or foreign file: the checkpoint alone still allows a resume
+        print(f"ignoring {path}: {e}", flush=True)
+        state = None
+    if not state or state.get("step") != step:
+        print(f"no resume state for step {step} at {path}: continuing from the checkpoint's fp16 weights with "
+              "fresh AdamW moments", flush=True)
+        return
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:  # this run's learning rate and schedule, not the stored ones
+        group["lr"] = lr
+        group.pop("initial_lr", None)
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of a torch.distributed run, (0, 1) otherwise."""
     if dist.is_available() and dist.is_initialized():
@@ -210,11 +233,15 @@ def _average_gradients(model: Raps3D, world: int) -> None:
 def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConfig,
           validate: Callable[[Raps3D], float] | None = None, resume: dict | None = None,
           dataset_weights: dict | None = None, progress: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
+          should_stop: Callable[[], bool] | None = None, meta: dict | None = None,
+          keep_resume_state: bool = False) -> dict:
     """Train ``model`` in place; checkpoints (fp16) go to ``out_path`` every ``save_every`` steps and at the end.
 
     ``resume`` is a previous run's ``meta['train_state']``: the step count, schedule and history continue.
-    Returns the final metadata (also stored in the checkpoint). A resumed run restarts Adam's moments.
+    With ``keep_resume_state`` each save also writes the fp32 weights and AdamW's moments beside the checkpoint
+    (``resume_state_path``), and a resumed run that finds them for its step continues exactly; without them it
+    continues from the fp16 weights with fresh moments.
+    Returns the final metadata (also stored in the checkpoint).
     Inside a torch.distributed process group each process draws its own samples, gradients are averaged, and only
     rank 0 validates, reports and writes checkpoints (the batch size is per process).
     """
@@ -234,6 +261,9 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state_path = resume_state_path(out_path)
+    if resume and keep_resume_state:
+        _restore_resume_state(model, opt, state_path, step0, cfg.lr)
 
     def schedule(s: int) -> float:  # linear warm-up, then cosine decay to 0 at cfg.steps
         s += step0
@@ -275,6 +305,8 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         stop = bool(should_stop and should_stop())
         if lead and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
+            if keep_resume_state:  # first, so that a checkpoint never names a step its resume state lacks
+                save_atomic({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, state_path)
             save_model(model, out_path, meta)
         if stop:
             break
