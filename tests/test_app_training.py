@@ -120,7 +120,7 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
     task = wait_for_training(srv)
     assert task["status"] == "ERROR", task
     stats = train_stats(srv)
-    assert stats["status"] == "FAILED" and "could not convert string to float: 'fast'" in stats["error"], stats
+    assert stats["status"] == "FAILED" and "lr must be a number, got 'fast'" in stats["error"], stats
     assert stats["message"] == "training failed; the served model is unchanged"
     assert digest(srv.model_path) == before
     assert not list(srv.model_path.parent.glob(".*.candidate.pt"))

@@ -348,3 +348,23 @@ def test_soft_tissue_seed_lands_in_the_brightest_soft_tissue():
     z, y, x = soft_tissue_seed(volume, (3.0, 1.0, 1.0))
     assert 15 <= z < 25 and 40 <= y < 60 and 45 <= x < 65
     assert soft_tissue_seed(np.full((10, 10, 10), -1000, np.int16), (1, 1, 1)) == (5, 5, 5)
+
+
+def test_training_options_are_checked_and_typed():
+    from lib.trainers.raps3d import training_options
+
+    defaults = {"steps": 200, "batch_size": 4, "lr": 5e-5, "val_split": 0.2, "seed": 0, "publish": "if_better"}
+    cfg = training_options({"steps": "30", "lr": "1e-4", "publish": "never", "model": "raps3d"}, defaults)
+    assert cfg == {"steps": 30, "batch_size": 4, "lr": 1e-4, "val_split": 0.2, "seed": 0, "publish": "never"}
+    assert type(cfg["steps"]) is int and type(cfg["lr"]) is float
+    for request, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                             ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+                             ({"steps": 0}, "steps must be at least 1, got 0"),
+                             ({"batch_size": True}, "batch_size must be a whole number, got True"),
+                             ({"lr": float("nan")}, "lr must be a number, got nan"),
+                             ({"val_split": 1}, "val_split must be from 0.0 to 0.9, got 1"),
+                             ({"seed": "inf"}, "seed must be a whole number, got 'inf'"),
+                             ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'")]:
+        with pytest.raises(ValueError) as e:
+            training_options(request, defaults)
+        assert str(e.value) == message

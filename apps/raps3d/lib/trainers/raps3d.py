@@ -92,24 +92,22 @@ class Raps3DTrain(TrainTask):
         return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
-        cfg = {**self.config(), **{k: request[k] for k in self.config() if k in request}}
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
-                 "total_epochs": cfg["steps"], "best_metric": None, "pid": os.getpid(), "host": socket.gethostname()}
+                 "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname()}
         self._write_stats(stats)
         scratch = self._scratch
         try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
-            if cfg["publish"] not in ("if_better", "always", "never"):
-                raise ValueError(f"publish must be 'if_better', 'always' or 'never', got {cfg['publish']!r}")
-            steps = int(cfg["steps"])
+            cfg = training_options(request, self.config())
+            steps = stats["total_epochs"] = cfg["steps"]
             cases, skipped = self._cases(datastore)
             stats["skipped_images"] = skipped
             self._write_stats(stats)
             if not cases:
                 raise ValueError(f"no image has a saved '{LABEL_TAG}' label to train on"
                                  + (f" (skipped: {skipped})" if skipped else ""))
-            rng = np.random.default_rng(int(cfg["seed"]))
+            rng = np.random.default_rng(cfg["seed"])
             order = rng.permutation(len(cases))
-            n_val = max(1, int(round(len(cases) * float(cfg["val_split"])))) if len(cases) > 1 else 0
+            n_val = max(1, int(round(len(cases) * cfg["val_split"]))) if len(cases) > 1 else 0
             val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
             train_cases = [cases[i] for i in order[n_val:]] or cases
 
@@ -127,8 +125,8 @@ class Raps3DTrain(TrainTask):
                          val_images=[c.name for c in val_cases], gpus=gpus)
             self._write_stats(stats)
 
-            train_cfg = TrainConfig(steps=steps, batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
-                                    seed=int(cfg["seed"]), warmup=min(20, steps), log_every=max(1, min(10, steps)),
+            train_cfg = TrainConfig(steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
+                                    warmup=min(20, steps), log_every=max(1, min(10, steps)),
                                     save_every=max(1, steps))
             fine_tune = {"fine_tuned_on": [c.name for c in train_cases],
                          "base": meta.get("train_state", {}).get("step")}
@@ -161,6 +159,35 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+PUBLISH_CHOICES = ("if_better", "always", "never")
+
+
+def training_options(request: dict, defaults: dict) -> dict:
+    """The run's options: the defaults, overridden by the request's values, checked and typed (ValueError with the
+    option's name otherwise). Keys the task does not know (MONAI Label adds its own) are ignored."""
+    cfg = {**defaults, **{k: request[k] for k in defaults if k in request}}
+
+    def number(key, kind, low, high=None):
+        raw = cfg[key]
+        try:
+            value = None if isinstance(raw, bool) else float(raw)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not np.isfinite(value) or (kind is int and value != int(value)):
+            raise ValueError(f"{key} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}")
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{key} must be " + (f"from {low} to {high}" if high is not None else f"at least {low}")
+                             + f", got {raw!r}")
+        return int(value) if kind is int else value
+
+    out = {"steps": number("steps", int, 1), "batch_size": number("batch_size", int, 1),
+           "lr": number("lr", float, 1e-12, 1.0), "val_split": number("val_split", float, 0.0, 0.9),
+           "seed": number("seed", int, 0), "publish": cfg["publish"]}
+    if out["publish"] not in PUBLISH_CHOICES:
+        raise ValueError(f"publish must be 'if_better', 'always' or 'never', got {cfg['publish']!r}")
+    return out
 
 
 def _image_name(path: str) -> str:
