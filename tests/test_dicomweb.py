@@ -191,6 +191,18 @@ def test_series_with_a_missing_slice_is_refused_with_the_reason(dicomweb_server,
     assert "uneven slice spacing" in r.json()["detail"] and "3.00 to 6.00 mm" in r.json()["detail"]
 
 
+def test_scoring_records_a_refused_series_and_scores_the_others(dicomweb_server, orthanc):
+    missing, phantom = orthanc.series["phantom_missing_slice"], orthanc.series["phantom"]
+    r = requests.post(f"{dicomweb_server.url}/scoring/raps3d_uncertainty", params={"run_sync": "true"}, timeout=900)
+    assert r.status_code == 200, r.text[:300]
+    summary = r.json()
+    assert "uneven slice spacing" in summary["failed"][missing.series_uid]
+    assert 0.0 <= summary["scored"][phantom.series_uid] <= 1.0  # the pass went on past the refused series
+    r = requests.get(f"{dicomweb_server.url}/datastore/", params={"output": "all"}, timeout=60)
+    info = r.json()["objects"][missing.series_uid]["image"]["info"]
+    assert info["raps3d_uncertainty"] is None and "uneven slice spacing" in info["raps3d_uncertainty_details"]["error"]
+
+
 # -- final labels as DICOM SEG --------------------------------------------------------------------------------------
 def _seg_of(orthanc, study_uid: str, before: set) -> tuple[list, "object"]:
     import pydicom
