@@ -18,6 +18,9 @@ from .data import Case
 # Intensity augmentation: the HU window's centre moves by up to this many HU, its width scales within this range.
 WINDOW_SHIFT_HU = 30.0
 WINDOW_SCALE = (0.9, 1.1)
+# Share of zoom-in crops moved further off the structure, so that part of it falls outside (an edit will have to
+# grow the region).
+TRUNCATE_FRACTION = 0.15
 
 
 def shifted_window(shift: float, scale: float) -> tuple[float, float]:
@@ -47,7 +50,7 @@ def zoom_in_box(mask: np.ndarray, spacing, rng: np.random.Generator) -> Box:
     extent = high - low + 1
     margin = extent * rng.uniform(0.05, 0.5, 3) + rng.uniform(1, 6, 3)
     shift = extent * rng.uniform(-0.15, 0.15, 3)
-    if rng.random() < 0.15:  # truncation: the crop misses part of the structure (an edit will have to grow it)
+    if rng.random() < TRUNCATE_FRACTION:
         shift += extent * rng.uniform(-0.35, 0.35, 3)
     return Box.from_extent(low + shift, high + shift, margin, min_size(np.asarray(spacing), mask.shape), mask.shape)
 
