@@ -53,7 +53,7 @@ def test_exact_resume_keeps_fp32_weights_and_adam_moments(cases, tmp_path):
     model = build_model("lite")
     out = tmp_path / "m.pt"
     cfg = TrainConfig(steps=3, batch_size=2, log_every=1, save_every=3)
-    meta = train(model, cases, out, cfg, keep_resume_state=True)
+    train(model, cases, out, cfg, keep_resume_state=True)
     state = torch.load(resume_state_path(out), weights_only=True)
     assert state["step"] == 3 and _adam_step(state) == 3
     fp32 = {k: v.clone() for k, v in model.state_dict().items()}
