@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .modeling import ModelConfig, Raps3D
+from .modeling import ModelConfig, Raps3D, build_model
 
 FORMAT = "raps3d-checkpoint-v1"
 
@@ -53,14 +53,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def _load_weights(model: Raps3D, payload: dict, path, may_lack: tuple[str, ...] = ()) -> list[str]:
+    """Load a checkpoint's weights into ``model``; returns the parameters it lacked, which may only be the mask
+    threshold (older checkpoints: the default, 0) or names starting with ``may_lack``."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{path} does not match the configuration: shapes differ for {wrong[:5]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    absent = [k for k in missing if k != "mask_threshold" and not k.startswith(may_lack)]
+    if absent or unexpected:
+        raise CheckpointError(f"{path} does not match its configuration: missing {absent[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return [k for k in missing if k != "mask_threshold"]
+
+
 def load_model(path: str | os.PathLike) -> tuple[Raps3D, dict]:
     """The model stored at ``path`` (fp32) and its metadata."""
     payload = read_checkpoint(path)
     model = Raps3D(ModelConfig.from_dict(payload["config"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "mask_threshold"]  # older checkpoints: the default threshold, 0
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its configuration: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    _load_weights(model, payload, path)
     return model, payload.get("meta", {})
+
+
+def init_model(path: str | os.PathLike, config: str | ModelConfig) -> tuple[Raps3D, list[str]]:
+    """A model of ``config`` that starts from the weights at ``path``, whose configuration may lack the detail
+    path (its layers then start as built: they change no output until trained). Returns the model and the names
+    of the parameters the checkpoint did not have (they are new: a caller may train them faster)."""
+    payload = read_checkpoint(path)
+    model = build_model(config)
+    fresh = _load_weights(model, payload, path, may_lack=("detail_encoder.",))
+    return model, fresh

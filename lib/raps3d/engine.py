@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .geometry import Frame, frame_image
-from .modeling import Raps3D
+from .modeling import ImageFeatures, Raps3D
 
 
 class Engine:
@@ -32,12 +32,12 @@ class Engine:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def encode(self, volume: np.ndarray, frame: Frame) -> torch.Tensor:
+    def encode(self, volume: np.ndarray, frame: Frame) -> ImageFeatures:
         image = torch.from_numpy(frame_image(volume, frame))[None, None].to(self.device)
         with self._lock, torch.inference_mode(), self._autocast():
-            return self.model.encode(image).float()
+            return self.model.encode(image).map(torch.Tensor.float)
 
-    def decode(self, features: torch.Tensor, coords_frame: np.ndarray, labels: np.ndarray,
+    def decode(self, features: ImageFeatures, coords_frame: np.ndarray, labels: np.ndarray,
                mask_logits: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, float]:
         """Best mask's low-resolution logits (D, H, W) on the CPU and its predicted IoU."""
         coords = torch.as_tensor(np.asarray(coords_frame, np.float32)[None], device=self.device)

@@ -23,7 +23,7 @@ import torch
 from .engine import Engine
 from .errors import ImageError, PromptError
 from .geometry import Box, Frame, logits_to_mask, remap_logits
-from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
+from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE, ImageFeatures
 from .roi import expand_roi, mask_covers, mid_zoom_size, roi_for_box, roi_from_mask
 
 # Image features kept per object: the current zoom-in region and the one before it (so undo stays cheap).
@@ -56,11 +56,11 @@ class ImageState:
         self.shape = tuple(volume.shape)
         self.spacing = spacing
         self.frame = Frame(Box((0, 0, 0), self.shape), engine.config.input_shape)
-        self._features: torch.Tensor | None = None
+        self._features: ImageFeatures | None = None
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
 
-    def zoom_out_features(self) -> tuple[torch.Tensor, bool]:
+    def zoom_out_features(self) -> tuple[ImageFeatures, bool]:
         """Features of the whole volume at network input size, computed once; and whether they were cached."""
         with self._lock:
             if self._features is not None:
@@ -156,7 +156,7 @@ class InteractiveObject:
         self.use_cache = use_cache
         self._state = _State(Prompts(), None, None, None)
         self._history: deque[_State] = deque(maxlen=UNDO_STEPS)
-        self._features: dict[Box, torch.Tensor] = {}
+        self._features: dict[Box, ImageFeatures] = {}
         self.lock = threading.RLock()
         self.last_used = time.monotonic()
 
@@ -258,7 +258,7 @@ class InteractiveObject:
         return SliceBox(int(round(z)), int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
 
     # -- passes -------------------------------------------------------------------------------------------------
-    def _roi_features(self, frame: Frame) -> tuple[torch.Tensor, bool]:
+    def _roi_features(self, frame: Frame) -> tuple[ImageFeatures, bool]:
         feats = self._features.get(frame.box) if self.use_cache else None
         if feats is not None:
             return feats, True

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .detail_encoder import DetailEncoder
 from .image_encoder import ImageEncoder
-from .mask_decoder import MaskDecoder
+from .mask_decoder import MaskDecoder, upscale_channels
 from .prompt_encoder import PromptEncoder
 
 
@@ -26,17 +28,26 @@ class ModelConfig:
     decoder_heads: int
     decoder_mlp_dim: int
     mask_upscale: tuple[tuple[int, int, int], ...] = field(default=((2, 2, 2), (2, 2, 2)))
+    # How many of the decoder's last upscaling stages receive image detail features (0: none, as in checkpoints
+    # made before the detail path existed).
+    detail_levels: int = 0
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
         return tuple(s // p for s, p in zip(self.input_shape, self.patch_size))
 
     @property
-    def mask_shape(self) -> tuple[int, int, int]:
-        shape = list(self.grid_shape)
+    def upscale_shapes(self) -> list[tuple[int, int, int]]:
+        """The decoder's grid after each upscaling stage; the last is the mask grid."""
+        shapes, shape = [], self.grid_shape
         for factor in self.mask_upscale:
-            shape = [s * f for s, f in zip(shape, factor)]
-        return tuple(shape)
+            shape = tuple(s * f for s, f in zip(shape, factor))
+            shapes.append(shape)
+        return shapes
+
+    @property
+    def mask_shape(self) -> tuple[int, int, int]:
+        return self.upscale_shapes[-1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +70,21 @@ CONFIGS = {
     # 2 CPU cores (see bench/bench_predictor.py).
     "lite": ModelConfig("lite", (32, 128, 128), (4, 16, 16), 256, 6, 8, 1024,
                         prompt_dim=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512,
-                        mask_upscale=((2, 2, 2), (2, 2, 2), (1, 2, 2))),
+                        mask_upscale=((2, 2, 2), (2, 2, 2), (1, 2, 2)), detail_levels=2),
 }
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the encoder computes once per frame and every decode reuses: the patch embedding (B, C, *grid_shape)
+    and the detail features of the decoder's last stages (coarse to fine; empty without a detail path)."""
+
+    embedding: torch.Tensor
+    detail: tuple[torch.Tensor, ...] = ()
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ImageFeatures":
+        """The same features with ``fn`` applied to every tensor (select items, detach, move, cast)."""
+        return ImageFeatures(fn(self.embedding), tuple(fn(d) for d in self.detail))
 
 
 class Raps3D(nn.Module):
@@ -73,15 +97,23 @@ class Raps3D(nn.Module):
                                             config.mask_shape)
         self.mask_decoder = MaskDecoder(config.prompt_dim, config.decoder_depth, config.decoder_heads,
                                         config.decoder_mlp_dim, config.mask_upscale)
+        levels = config.detail_levels
+        if not 0 <= levels <= len(config.mask_upscale):
+            raise ValueError(f"detail_levels must be 0..{len(config.mask_upscale)}, got {levels}")
+        self.detail_encoder = DetailEncoder(
+            config.input_shape, config.upscale_shapes[len(config.mask_upscale) - levels:],
+            upscale_channels(config.prompt_dim, len(config.mask_upscale))[len(config.mask_upscale) - levels:],
+        ) if levels else None
         # The logit above which a voxel belongs to the mask. 0 after training; a calibration on training cases
         # (raps3d.training.calibrate) may lower it for a model that under-segments. Saved with the weights.
         self.register_buffer("mask_threshold", torch.zeros(()))
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *input_shape) in [0, 1] -> image features (B, prompt_dim, *grid_shape)."""
-        return self.image_encoder(image)
+    def encode(self, image: torch.Tensor) -> ImageFeatures:
+        """(B, 1, *input_shape) in [0, 1] -> image features: embedding (B, prompt_dim, *grid_shape) and detail."""
+        detail = self.detail_encoder(image) if self.detail_encoder is not None else ()
+        return ImageFeatures(self.image_encoder(image), detail)
 
-    def decode(self, features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+    def decode(self, features: ImageFeatures, coords: torch.Tensor, labels: torch.Tensor,
                mask_logits: torch.Tensor | None = None, multimask: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, M, *mask_shape) and predicted IoU (B, M) for prompts in frame coordinates.
@@ -89,7 +121,8 @@ class Raps3D(nn.Module):
         ``features`` may have batch 1 and be shared by B prompt sets.
         """
         sparse, dense = self.prompt_encoder(coords, labels, mask_logits)
-        return self.mask_decoder(features, self.prompt_encoder.dense_pe(), sparse, dense, multimask)
+        return self.mask_decoder(features.embedding, self.prompt_encoder.dense_pe(), sparse, dense, multimask,
+                                 features.detail)
 
     def forward(self, image, coords, labels, mask_logits=None, multimask=False):
         return self.decode(self.encode(image), coords, labels, mask_logits, multimask)
