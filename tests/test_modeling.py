@@ -10,6 +10,7 @@ from raps3d import CheckpointError, load_model, save_model
 from raps3d.checkpoint import init_model
 from raps3d.modeling import CONFIGS, ModelConfig, Raps3D, build_model
 from raps3d.modeling.detail_encoder import DetailEncoder
+from raps3d.training.train import TrainConfig, parameter_groups
 
 LITE = CONFIGS["lite"]
 WITHOUT_DETAIL = dataclasses.replace(LITE, detail_levels=0)
@@ -99,3 +100,12 @@ def test_detail_levels_must_halve_or_keep_each_axis():
     with pytest.raises(ValueError, match="detail_levels"):
         Raps3D(dataclasses.replace(LITE, detail_levels=4))
 
+
+def test_parameters_new_to_a_fine_tuned_model_learn_faster():
+    model = build_model("lite")
+    fresh = [n for n, _ in model.named_parameters() if n.startswith("detail_encoder.")]
+    groups = parameter_groups(model, fresh, TrainConfig(lr=2e-4, fresh_lr_scale=10.0))
+    assert [g["lr"] for g in groups] == [2e-4, pytest.approx(2e-3)]
+    assert len(groups[1]["params"]) == len(fresh)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(parameter_groups(model, [], TrainConfig(lr=2e-4))) == 1

@@ -1,6 +1,7 @@
 """Packed case files and the training command's GPU-node options (packed data, device, sample-drawing workers),
 on real CT."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from raps3d import load_model
-from raps3d.modeling import build_model
+from raps3d import load_model, save_model
+from raps3d.modeling import CONFIGS, Raps3D, build_model
 from raps3d.training.data import lidc_cases, openkbp_cases
 from raps3d.training.packed import LEVELS, load_packed, save_packed
 from raps3d.training.sampling import augmented_hu_range
-from raps3d.training.train import SampleStream, sample_batches
+from raps3d.training.train import SampleStream, resume_state_path, sample_batches
 
 from library_fixtures import real_ct
 
@@ -83,6 +84,24 @@ def test_training_command_on_a_packed_file(packed, tmp_path):
     model, meta = load_model(out)
     assert meta["train_state"]["step"] == 4 and "CPU" in meta["hardware"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_command_adds_the_detail_path_to_a_checkpoint_without_it(packed, tmp_path):
+    plain = Raps3D(dataclasses.replace(CONFIGS["lite"], detail_levels=0))
+    save_model(plain, tmp_path / "plain.pt")
+    out = tmp_path / "detailed.pt"
+    done = _training_command("--packed", str(packed), "--init", str(tmp_path / "plain.pt"), "--config", "lite",
+                             "--out", str(out), "--steps", "3", "--batch-size", "2", "--device", "cpu",
+                             "--save-every", "3", "--val-samples", "2", "--threads", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, meta = load_model(out)
+    assert model.config.detail_levels == 2 and meta["init"] == str(tmp_path / "plain.pt")
+    assert sorted(meta["fresh"]) == sorted(n for n, _ in model.named_parameters() if n.startswith("detail_encoder."))
+    # The detail projections started at zero and were trained.
+    assert all(p.abs().max() > 0 for p in model.detail_encoder.projections.parameters())
+    # The run's exact-resume state keeps the faster rate of the new layers as a parameter group of its own.
+    state = torch.load(resume_state_path(out), weights_only=True)
+    assert [g["lr_scale"] for g in state["optimizer"]["param_groups"]] == [1.0, 10.0]
 
 
 def test_training_command_explains_a_missing_packed_file(tmp_path):

@@ -227,3 +227,25 @@ def test_box_samples_keep_the_low_corner_first_after_flips(cases):
         cols = np.flatnonzero(s.target[max(z - 1, 0):z + 2].any((0, 1)))
         centre = (cols.mean() + 0.5) * 2 - 0.5
         assert low[2] - 2 <= centre <= high[2] + 2
+
+
+def test_frozen_parameters_stay_as_they_were_and_the_rest_trains(cases, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lite")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "m.pt"
+    train(model, cases, out, TrainConfig(steps=2, batch_size=2, save_every=2, freeze=("image_encoder.",)),
+          keep_resume_state=True)
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith("image_encoder.")]
+    trained = [k for k in before if k.startswith(("mask_decoder.", "detail_encoder."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    # Resuming with every parameter trained: the stopped run's AdamW state does not fit, so the moments restart.
+    loaded, meta = load_model(out)
+    train(loaded, cases, out, TrainConfig(steps=3, batch_size=2, save_every=3), resume=meta["train_state"],
+          keep_resume_state=True)
+    assert _adam_step(torch.load(resume_state_path(out), weights_only=True)) == 1
+    assert all(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train(model, cases, tmp_path / "n.pt", TrainConfig(steps=1, batch_size=2, freeze=("",)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, read_checkpoint
+from ..checkpoint import init_model, load_model, read_checkpoint
 from ..modeling import build_model
 from .data import data_root, training_cases, validation_cases
 from .packed import load_packed
@@ -37,7 +37,9 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="lite", help="model configuration for a new model (lite or segvol)")
+    p.add_argument("--config", help="model configuration (lite or segvol) of a new model (default lite), or, with "
+                                    "--init, the configuration to fine-tune the checkpoint into (it may add the "
+                                    "detail path the checkpoint lacks)")
     p.add_argument("--out", required=True, help="checkpoint to write (and to resume from with --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --out if it exists (exactly, with the fp32 weights and AdamW state that "
@@ -59,6 +61,10 @@ def main(argv=None) -> None:
     p.add_argument("--mid-zoom-fraction", type=float, default=0.0,
                    help="share of samples in the predictor's intermediate view, a cube around the structure "
                         "(taken from the zoom-in share; 0 draws the same samples as before this option)")
+    p.add_argument("--fresh-lr-scale", type=float, default=TrainConfig.fresh_lr_scale,
+                   help="learning-rate factor of layers the --init checkpoint lacks")
+    p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
+                   help="do not train parameters whose names start with these (e.g. image_encoder.)")
     p.add_argument("--dataset-weights", default=",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()),
                    help="how often each dataset is drawn, as name=weight pairs")
     args = p.parse_args(argv)
@@ -72,11 +78,14 @@ def main(argv=None) -> None:
         model, meta = load_model(out)
         resume = meta.get("train_state")
         print(f"resuming from {out} at step {resume['step'] if resume else 0}", flush=True)
+    elif args.init and args.config:
+        model, fresh = init_model(args.init, args.config)
+        meta = {"init": str(args.init), "fresh": fresh}
     elif args.init:
         model, meta = load_model(args.init)
         meta = {"init": str(args.init)}
     else:
-        model, meta = build_model(args.config), {}
+        model, meta = build_model(args.config or "lite"), {}
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the ViT's matrix products: TF32 is ample for training
@@ -103,7 +112,8 @@ def main(argv=None) -> None:
     })
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                       seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction,
-                      bf16=args.bf16)
+                      bf16=args.bf16, fresh_lr_scale=args.fresh_lr_scale,
+                      freeze=tuple(args.freeze))
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
                  dataset_weights=weights, meta=meta, keep_resume_state=True)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)

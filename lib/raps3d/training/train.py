@@ -47,6 +47,8 @@ class TrainConfig:
     workers: int = 0  # processes drawing samples while the model trains (0: draw them between steps)
     mid_zoom_fraction: float = 0.0  # share of samples in the predictor's intermediate view (taken from zoom-in's)
     bf16: bool = False  # forward pass under bfloat16 autocast (faster on GPUs that have it); weights stay fp32
+    fresh_lr_scale: float = 10.0  # learning rate factor of parameters new to a fine-tuned model (meta "fresh")
+    freeze: tuple[str, ...] = ()  # parameters whose names start with one of these are not trained
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,8 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
         if not idx:
             continue
         c, lab = collate_prompts([samples[i].coords for i in idx], [samples[i].labels for i in idx])
-        loss, best = prediction_loss(model.decode(features[idx], c.to(dev), lab.to(dev), None, multimask), target[idx])
+        selected = features.map(lambda t: t[idx])
+        loss, best = prediction_loss(model.decode(selected, c.to(dev), lab.to(dev), None, multimask), target[idx])
         first_loss = first_loss + loss * len(idx) / len(samples)
         logits_prev[idx] = best
     coords = [s.coords.copy() for s in samples]
@@ -180,7 +183,7 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
         c, lab = c.to(dev), lab.to(dev)
         last = k == n_clicks - 1
         with torch.set_grad_enabled(last):
-            out = model.decode(features if last else features.detach(), c, lab, logits_prev[:, None], False)
+            out = model.decode(features if last else features.map(torch.Tensor.detach), c, lab, logits_prev[:, None], False)
         if last:
             edit_loss, _ = prediction_loss(out, target)
         else:
@@ -205,10 +208,15 @@ def _restore_resume_state(model: Raps3D, opt: torch.optim.Optimizer, path: Path,
         print(f"no resume state for step {step} at {path}: continuing from the checkpoint's fp16 weights with "
               "fresh AdamW moments", flush=True)
         return
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError as e:  # other parameters trained than in the stopped run (another --freeze)
+        print(f"not using {path}: {e}; continuing from the checkpoint's fp16 weights with fresh AdamW moments",
+              flush=True)
+        return
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
     for group in opt.param_groups:  # this run's learning rate and schedule, not the stored ones
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         group.pop("initial_lr", None)
 
 
@@ -224,10 +232,31 @@ def _average_gradients(model: Raps3D, world: int) -> None:
     if world == 1:
         return
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world
+
+
+def parameter_groups(model: Raps3D, fresh, cfg: TrainConfig) -> list[dict]:
+    """The trained parameters (all but ``cfg.freeze``) in groups: those new to a fine-tuned model (layers its
+    starting checkpoint lacked) learn ``fresh_lr_scale`` times faster, as they start from nothing."""
+    fresh = set(fresh)
+    params = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(tuple(cfg.freeze)))
+        if p.requires_grad:
+            params[name] = p
+    if not params:
+        raise ValueError(f"--freeze {' '.join(cfg.freeze)} leaves nothing to train")
+    groups = [{"params": [p for n, p in params.items() if n not in fresh], "lr_scale": 1.0}]
+    if fresh & params.keys():
+        groups.append({"params": [p for n, p in params.items() if n in fresh], "lr_scale": cfg.fresh_lr_scale})
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    return groups
 
 
 def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConfig,
@@ -238,6 +267,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     """Train ``model`` in place; checkpoints (fp16) go to ``out_path`` every ``save_every`` steps and at the end.
 
     ``resume`` is a previous run's ``meta['train_state']``: the step count, schedule and history continue.
+    ``meta['fresh']`` names parameters the starting checkpoint lacked (they learn ``cfg.fresh_lr_scale`` faster).
     With ``keep_resume_state`` each save also writes the fp32 weights and AdamW's moments beside the checkpoint
     (``resume_state_path``), and a resumed run that finds them for its step continues exactly; without them it
     continues from the fp16 weights with fresh moments.
@@ -260,7 +290,8 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, meta.get("fresh", ()) if meta else (), cfg),
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = resume_state_path(out_path)
     if resume and keep_resume_state:
         _restore_resume_state(model, opt, state_path, step0, cfg.lr)
