@@ -3,4 +3,5 @@
 from .prompt_encoder import BOX_MAX, BOX_MIN, NEGATIVE, PAD, POSITIVE
 from .raps3d import CONFIGS, ImageFeatures, ModelConfig, Raps3D, build_model
 
-__all__ = ["CONFIGS", "ImageFeatures", "ModelConfig", "Raps3D", "build_model", "PAD", "NEGATIVE", "POSITIVE", "BOX_MIN", "BOX_MAX"]
+__all__ = ["CONFIGS", "ImageFeatures", "ModelConfig", "Raps3D", "build_model", "PAD", "NEGATIVE", "POSITIVE",
+           "BOX_MIN", "BOX_MAX"]

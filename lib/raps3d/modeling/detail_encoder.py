@@ -29,9 +29,8 @@ class DetailEncoder(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], shapes: Sequence[Sequence[int]], channels: Sequence[int]):
         super().__init__()
-        self.shapes = [tuple(s) for s in shapes]
         convs, projections, previous, ch_in = [], [], tuple(input_shape), 1
-        for shape, ch in zip(reversed(self.shapes), reversed(list(channels))):  # the finest level comes first
+        for shape, ch in zip(reversed(list(shapes)), reversed(list(channels))):  # the finest level comes first
             stride = strides_between(shape, previous)
             convs.append(nn.Conv3d(ch_in, ch, kernel_size=3, stride=stride, padding=1))
             projection = nn.Conv3d(ch, ch, kernel_size=1)

@@ -97,12 +97,12 @@ class Raps3D(nn.Module):
                                             config.mask_shape)
         self.mask_decoder = MaskDecoder(config.prompt_dim, config.decoder_depth, config.decoder_heads,
                                         config.decoder_mlp_dim, config.mask_upscale)
-        levels = config.detail_levels
-        if not 0 <= levels <= len(config.mask_upscale):
-            raise ValueError(f"detail_levels must be 0..{len(config.mask_upscale)}, got {levels}")
+        stages, levels = len(config.mask_upscale), config.detail_levels
+        if not 0 <= levels <= stages:
+            raise ValueError(f"detail_levels must be 0..{stages}, got {levels}")
         self.detail_encoder = DetailEncoder(
-            config.input_shape, config.upscale_shapes[len(config.mask_upscale) - levels:],
-            upscale_channels(config.prompt_dim, len(config.mask_upscale))[len(config.mask_upscale) - levels:],
+            config.input_shape, config.upscale_shapes[stages - levels:],
+            upscale_channels(config.prompt_dim, stages)[stages - levels:],
         ) if levels else None
         # The logit above which a voxel belongs to the mask. 0 after training; a calibration on training cases
         # (raps3d.training.calibrate) may lower it for a model that under-segments. Saved with the weights.

@@ -73,10 +73,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     out = Path(args.out)
-    resume = None
+    resume, fresh = None, []
     if args.resume and out.exists():
         model, meta = load_model(out)
-        resume = meta.get("train_state")
+        resume, fresh = meta.get("train_state"), meta.get("fresh", [])
         print(f"resuming from {out} at step {resume['step'] if resume else 0}", flush=True)
     elif args.init and args.config:
         model, fresh = init_model(args.init, args.config)
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
                       bf16=args.bf16, fresh_lr_scale=args.fresh_lr_scale,
                       freeze=tuple(args.freeze))
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
-                 dataset_weights=weights, meta=meta, keep_resume_state=True)
+                 dataset_weights=weights, meta=meta, keep_resume_state=True, fresh=fresh)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
 
 

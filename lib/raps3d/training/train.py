@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class TrainConfig:
     workers: int = 0  # processes drawing samples while the model trains (0: draw them between steps)
     mid_zoom_fraction: float = 0.0  # share of samples in the predictor's intermediate view (taken from zoom-in's)
     bf16: bool = False  # forward pass under bfloat16 autocast (faster on GPUs that have it); weights stay fp32
-    fresh_lr_scale: float = 10.0  # learning rate factor of parameters new to a fine-tuned model (meta "fresh")
+    fresh_lr_scale: float = 10.0  # learning rate factor of parameters new to a fine-tuned model (train's fresh)
     freeze: tuple[str, ...] = ()  # parameters whose names start with one of these are not trained
 
 
@@ -183,7 +183,8 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
         c, lab = c.to(dev), lab.to(dev)
         last = k == n_clicks - 1
         with torch.set_grad_enabled(last):
-            out = model.decode(features if last else features.map(torch.Tensor.detach), c, lab, logits_prev[:, None], False)
+            feats = features if last else features.map(torch.Tensor.detach)
+            out = model.decode(feats, c, lab, logits_prev[:, None], False)
         if last:
             edit_loss, _ = prediction_loss(out, target)
         else:
@@ -263,11 +264,11 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
           validate: Callable[[Raps3D], float] | None = None, resume: dict | None = None,
           dataset_weights: dict | None = None, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, meta: dict | None = None,
-          keep_resume_state: bool = False) -> dict:
+          keep_resume_state: bool = False, fresh: Collection[str] = ()) -> dict:
     """Train ``model`` in place; checkpoints (fp16) go to ``out_path`` every ``save_every`` steps and at the end.
 
     ``resume`` is a previous run's ``meta['train_state']``: the step count, schedule and history continue.
-    ``meta['fresh']`` names parameters the starting checkpoint lacked (they learn ``cfg.fresh_lr_scale`` faster).
+    ``fresh`` names parameters the starting checkpoint lacked: they learn ``cfg.fresh_lr_scale`` times faster.
     With ``keep_resume_state`` each save also writes the fp32 weights and AdamW's moments beside the checkpoint
     (``resume_state_path``), and a resumed run that finds them for its step continues exactly; without them it
     continues from the fp16 weights with fresh moments.
@@ -290,8 +291,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
-    opt = torch.optim.AdamW(parameter_groups(model, meta.get("fresh", ()) if meta else (), cfg),
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, fresh, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = resume_state_path(out_path)
     if resume and keep_resume_state:
         _restore_resume_state(model, opt, state_path, step0, cfg.lr)
