@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+import torch
 
 from conftest import ROOT, SAMPLE_IMAGES, running_server
+from raps3d import load_model
 
 REFERENCE = ROOT / "sample-data" / "reference"
 
@@ -80,6 +82,38 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     assert srv.model_path.exists()
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t2"})
     assert r.json()["model"]["trained"] is True  # picked up without a restart
+
+
+def train_and_publish(srv, **options) -> None:
+    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2, "publish": "always", **options},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    assert wait_for_training(srv)["status"] == "DONE"
+    assert train_stats(srv)["published"] is True
+
+
+def test_fine_tuning_keeps_the_image_encoder_fixed_unless_told_otherwise(train_server):
+    srv = train_server
+    if not srv.model_path.exists():
+        pytest.skip("needs the model published by the previous test")
+
+    def changed(before, after, prefix):
+        names = [k for k in before if k.startswith(prefix)]
+        assert names, prefix
+        return [k for k in names if not torch.equal(before[k], after[k])]
+
+    before = load_model(srv.model_path)[0].state_dict()
+    train_and_publish(srv)
+    after, meta = load_model(srv.model_path)
+    after = after.state_dict()
+    assert meta["fine_tune"]["frozen"] == ["image_encoder."]
+    assert changed(before, after, "image_encoder.") == []
+    assert changed(before, after, "mask_decoder.") and changed(before, after, "prompt_encoder.")
+
+    train_and_publish(srv, freeze_image_encoder=False)
+    last, meta = load_model(srv.model_path)
+    assert meta["fine_tune"]["frozen"] == []
+    assert changed(after, last.state_dict(), "image_encoder.")
 
 
 def test_stopped_training_leaves_the_served_model_intact(train_server):

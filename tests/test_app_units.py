@@ -353,10 +353,14 @@ def test_soft_tissue_seed_lands_in_the_brightest_soft_tissue():
 def test_training_options_are_checked_and_typed():
     from lib.trainers.raps3d import training_options
 
-    defaults = {"steps": 200, "batch_size": 4, "lr": 5e-5, "val_split": 0.2, "seed": 0, "publish": "if_better"}
+    defaults = {"steps": 200, "batch_size": 4, "lr": 5e-5, "val_split": 0.2, "seed": 0, "publish": "if_better",
+                "freeze_image_encoder": True}
     cfg = training_options({"steps": "30", "lr": "1e-4", "publish": "never", "model": "raps3d"}, defaults)
-    assert cfg == {"steps": 30, "batch_size": 4, "lr": 1e-4, "val_split": 0.2, "seed": 0, "publish": "never"}
+    assert cfg == {"steps": 30, "batch_size": 4, "lr": 1e-4, "val_split": 0.2, "seed": 0, "publish": "never",
+                   "freeze_image_encoder": True}
     assert type(cfg["steps"]) is int and type(cfg["lr"]) is float
+    for raw, value in [(False, False), ("false", False), (" True ", True), ("FALSE", False)]:
+        assert training_options({"freeze_image_encoder": raw}, defaults)["freeze_image_encoder"] is value
     for request, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
                              ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
                              ({"steps": 0}, "steps must be at least 1, got 0"),
@@ -364,7 +368,10 @@ def test_training_options_are_checked_and_typed():
                              ({"lr": float("nan")}, "lr must be a number, got nan"),
                              ({"val_split": 1}, "val_split must be from 0.0 to 0.9, got 1"),
                              ({"seed": "inf"}, "seed must be a whole number, got 'inf'"),
-                             ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'")]:
+                             ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'"),
+                             ({"freeze_image_encoder": 1}, "freeze_image_encoder must be true or false, got 1"),
+                             ({"freeze_image_encoder": "no"},
+                              "freeze_image_encoder must be true or false, got 'no'")]:
         with pytest.raises(ValueError) as e:
             training_options(request, defaults)
         assert str(e.value) == message
