@@ -82,8 +82,12 @@ def test_checkpoints_with_and_without_detail_load_as_they_were_saved(tmp_path):
 
 def test_a_checkpoint_that_does_not_fit_the_configuration_is_refused_with_the_names(tmp_path):
     save_model(build_model("lite"), tmp_path / "lite.pt")
-    with pytest.raises(CheckpointError, match="shapes differ for .*image_encoder"):
+    with pytest.raises(CheckpointError, match="differs from 'lite' in width, mlp_dim;"):
         init_model(tmp_path / "lite.pt", dataclasses.replace(LITE, width=128, mlp_dim=512))
+    # Every weight would fit here, but split into other attention heads the model computes something else.
+    with pytest.raises(CheckpointError, match="differs from 'lite' in heads, decoder_heads;"):
+        init_model(tmp_path / "lite.pt", dataclasses.replace(LITE, heads=LITE.heads // 2,
+                                                             decoder_heads=LITE.decoder_heads // 2))
     # Only the detail path may be missing: a checkpoint lacking any other part is refused.
     model = Raps3D(WITHOUT_DETAIL)
     payload_path = save_model(model, tmp_path / "plain.pt")

@@ -180,13 +180,23 @@ def test_data_parallel_training_keeps_processes_in_step(cases, tmp_path):
 
 
 def test_dataset_weights_are_parsed_and_checked():
-    from raps3d.training.__main__ import parse_weights
+    from raps3d.training.__main__ import parse_weights, weights_for
 
     assert parse_weights("openkbp=0.6, lidc=0.3,totalsegmentator=0.1") == {
         "openkbp": 0.6, "lidc": 0.3, "totalsegmentator": 0.1}
     for bad in ("openkbp", "openkbp=x", "=1", "openkbp=-1", "openkbp=0,lidc=0", ""):
         with pytest.raises(SystemExit, match="--dataset-weights"):
             parse_weights(bad)
+    present = {"lidc", "openkbp", "totalsegmentator"}
+    assert weights_for(None, present) == {"lidc": 0.3, "openkbp": 0.45, "totalsegmentator": 0.25}
+    assert weights_for(None, {"lidc", "site"}) == {"lidc": 0.3, "site": 1.0}
+    # A dataset left out is not drawn (it used to be drawn with weight 1, half the samples here).
+    assert weights_for({"openkbp": 0.6, "lidc": 0.4}, present) == {"lidc": 0.4, "openkbp": 0.6,
+                                                                      "totalsegmentator": 0.0}
+    with pytest.raises(SystemExit, match="no training case from openkpb \\(the training data hold lidc, "):
+        weights_for({"openkpb": 1.0}, present)
+    with pytest.raises(SystemExit, match="needs a positive weight"):
+        weights_for({"openkbp": 0.0}, {"openkbp", "site"})
 
 
 def test_intermediate_view_samples_are_cubes_around_the_structure(cases):

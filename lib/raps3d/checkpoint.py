@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -83,5 +84,12 @@ def init_model(path: str | os.PathLike, config: str | ModelConfig) -> tuple[Raps
     of the parameters the checkpoint did not have (they are new: a caller may train them faster)."""
     payload = read_checkpoint(path)
     model = build_model(config)
+    # Settings that change no weight's shape (attention heads) would load silently into the wrong model.
+    stored, target = ModelConfig.from_dict(payload["config"]), model.config
+    differ = [f.name for f in fields(target)
+              if f.name != "detail_levels" and getattr(stored, f.name) != getattr(target, f.name)]
+    if differ:
+        raise CheckpointError(f"{path} holds a model whose configuration differs from {target.name!r} in "
+                              f"{', '.join(differ)}; only the detail path can be added to a checkpoint")
     fresh = _load_weights(model, payload, path, may_lack=("detail_encoder.",))
     return model, fresh

@@ -35,6 +35,21 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def weights_for(weights: dict[str, float] | None, datasets: set[str]) -> dict[str, float]:
+    """The draw weight of each dataset in the training data: the defaults, or the weights given, where a dataset
+    left out is not drawn and a name that matches no dataset (most likely misspelt) is an error."""
+    if weights is None:
+        return {d: DATASET_WEIGHTS.get(d, 1.0) for d in sorted(datasets)}
+    unknown = sorted(set(weights) - datasets)
+    if unknown:
+        raise SystemExit(f"--dataset-weights: no training case from {', '.join(unknown)} (the training data hold "
+                         f"{', '.join(sorted(datasets))})")
+    resolved = {d: weights.get(d, 0.0) for d in sorted(datasets)}
+    if sum(resolved.values()) <= 0:
+        raise SystemExit("--dataset-weights: at least one dataset of the training data needs a positive weight")
+    return resolved
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", help="model configuration (lite or segvol) of a new model (default lite), or, with "
@@ -65,10 +80,11 @@ def main(argv=None) -> None:
                    help="learning-rate factor of layers the --init checkpoint lacks")
     p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
                    help="do not train parameters whose names start with these (e.g. image_encoder.)")
-    p.add_argument("--dataset-weights", default=",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()),
-                   help="how often each dataset is drawn, as name=weight pairs")
+    p.add_argument("--dataset-weights",
+                   help="how often each dataset is drawn, as name=weight pairs; datasets left out are not drawn "
+                        "(default: " + ",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()) + ")")
     args = p.parse_args(argv)
-    weights = parse_weights(args.dataset_weights)
+    weights = parse_weights(args.dataset_weights) if args.dataset_weights is not None else None
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -102,10 +118,11 @@ def main(argv=None) -> None:
         source = data_root()
     print(f"data from {source}: {len(cases)} training cases, {len(val)} validation cases, "
           f"loaded in {time.perf_counter() - t:.0f} s; training on {device}", flush=True)
+    weights = weights_for(weights, {c.dataset for c in cases})
     val_samples = fixed_samples(val, model.config, args.val_samples)
     meta.update({
         "data": {"training": sorted({c.dataset for c in cases}), "training_cases": len(cases),
-                 "validation_cases": len(val)},
+                 "validation_cases": len(val), "dataset_weights": weights},
         "command": "python -m raps3d.training " + " ".join(argv or __import__("sys").argv[1:]),
         "hardware": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                      f"{platform.processor() or platform.machine()} CPU, torch threads {torch.get_num_threads()}"),
