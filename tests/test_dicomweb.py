@@ -357,5 +357,33 @@ def test_one_process_at_a_time_fetches_a_series_into_the_cache(orthanc, tmp_path
         assert worker.is_alive() and not os.path.exists(image_dir)  # waiting, nothing written
     worker.join(120)
     assert not worker.is_alive()
+    assert got["path"] == image_dir + ".nii.gz"  # the cached file beside the series folder
     volume = sitk.GetArrayFromImage(sitk.ReadImage(got["path"]))
     assert volume.shape == (48, 128, 160) and len(os.listdir(image_dir)) == 48
+
+
+def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_no_copy_behind(orthanc, tmp_path,
+                                                                                              monkeypatch):
+    """MONAI Label answers a first fetch with a temporary conversion; read there, the series checks (next to the
+    DICOM folder) were skipped, and a copy of the patient's images stayed in the temporary folder."""
+    import sys
+    import tempfile
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from lib import dicomweb
+    from lib.images import ImageReadError, read_image
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    client = dicomweb.StoredSyntaxClient(url=orthanc.dicomweb, session=create_session_from_user_pass(*orthanc.auth))
+    store = dicomweb.Raps3DDICOMWebDatastore(client=client, search_filter={"Modality": "CT"},
+                                             cache_path=str(tmp_path / "cache"))
+    missing = orthanc.series["phantom_missing_slice"].series_uid
+    path = store.get_image_uri(missing)
+    assert path == os.path.realpath(os.path.join(store._datastore.image_path(), missing + ".nii.gz"))
+    with pytest.raises(ImageReadError, match="uneven slice spacing \\(gaps from 3.00 to 6.00 mm"):
+        read_image(path)
+    assert [name for name in os.listdir(scratch) if not name.endswith(".lock")] == []

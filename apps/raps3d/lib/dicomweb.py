@@ -6,6 +6,8 @@
   its GDCM plugin cannot transcode JPEG 2000) then answer 500 and the image never opens.
 - Nothing is downloaded at start: MONAI Label fetches dcmqi (used to write DICOM SEG) from the internet when
   ``itkimage2segimage`` is not on PATH. The ``dcmqi`` Python package provides it; its folder is put on PATH here.
+- A newly fetched series (or final label) is answered with its cached NIfTI beside the DICOM folder, where the series
+  checks find it, and MONAI Label's temporary conversion, a copy of the patient's images, is removed.
 - Fetch and save errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be
   converted or a label that cannot be written as SEG) instead of MONAI Label's bare 500; so does saving an empty
   ``final`` label (400).
@@ -57,11 +59,18 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
         with series_lock(image_dir):
             fresh = not os.path.isdir(image_dir) or not os.listdir(image_dir)
             try:
-                return super().get_image_uri(image_id)
+                uri = super().get_image_uri(image_id)
             except BaseException:
                 if fresh:
                     shutil.rmtree(image_dir, ignore_errors=True)
                 raise
+        return _cached_copy(uri, os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        uri = super().get_label_uri(label_id, label_tag, image_id)
+        if label_tag != DefaultLabelTag.FINAL or not uri:
+            return uri
+        return _cached_copy(uri, os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
@@ -69,6 +78,17 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
                                                         "which needs at least one labelled voxel")
         with http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+
+def _cached_copy(uri: str, cached: str) -> str:
+    """The cached NIfTI instead of the temporary file MONAI Label converted a newly fetched series into (and copied
+    into its cache): the series checks find the DICOM folder only beside the cached file, and the temporary copy of
+    the patient's images is removed rather than left readable in the shared temporary folder."""
+    uri, cached = os.path.realpath(uri), os.path.realpath(cached)
+    if uri != cached and os.path.isfile(cached) and os.path.dirname(uri) == os.path.realpath(tempfile.gettempdir()):
+        os.remove(uri)
+        return cached
+    return uri
 
 
 @contextlib.contextmanager
