@@ -28,6 +28,7 @@ from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
 from lib.prompts import PromptFormatError, parse_prompts  # noqa: E402
 
 SIZE = (160, 128, 48)  # (i, j, k)
+SAMPLE_IMAGES = APP_DIR.parents[1] / "sample-data" / "images"
 
 
 # -- prompts ----------------------------------------------------------------------------------------------------------
@@ -269,6 +270,41 @@ def test_options_from_conf_then_environment_then_defaults():
         AppOptions.from_conf({"idle_seconds": "nan"}, {})
     with pytest.raises(ValueError, match="result_dir"):
         AppOptions.from_conf({"result_dir": "/nonexistent/folder"}, {})
+
+
+# -- active learning --------------------------------------------------------------------------------------------------
+def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unreadable_one(tmp_path, monkeypatch):
+    import shutil
+
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.scoring.uncertainty import DETAILS_KEY, SCORE_KEY, Raps3DUncertainty
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("phantom_01", "phantom_02"):
+        shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies)
+    (studies / "broken.nii.gz").write_bytes(b"not an image")
+    datastore = LocalDatastore(str(studies))
+    scoring = Raps3DUncertainty(ModelService(AppOptions(model_path=tmp_path / "absent.pt", device="cpu")))
+    score, failures = Raps3DUncertainty._score, []
+
+    def out_of_memory_once(engine, path):
+        if "phantom_02" in path and not failures:
+            failures.append(path)
+            raise RuntimeError("CUDA out of memory")
+        return score(engine, path)
+
+    monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(out_of_memory_once))
+    first = scoring({}, datastore)
+    assert list(first["scored"]) == ["phantom_01"]
+    assert first["failed"]["phantom_02"] == "RuntimeError: CUDA out of memory"
+    assert "cannot read 'broken.nii.gz' as an image" in first["failed"]["broken"]
+    assert DETAILS_KEY not in datastore.get_image_info("phantom_02")  # nothing remembered: not the file's fault
+    assert "cannot read" in datastore.get_image_info("broken")[DETAILS_KEY]["error"]
+    second = scoring({}, datastore)
+    assert list(second["scored"]) == ["phantom_02"] and second["unchanged"] == ["broken", "phantom_01"]
+    assert 0.0 <= datastore.get_image_info("phantom_02")[SCORE_KEY] <= 1.0
 
 
 # -- model service ----------------------------------------------------------------------------------------------------

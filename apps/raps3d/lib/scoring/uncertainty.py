@@ -61,17 +61,19 @@ class Raps3DUncertainty(ScoringMethod):
             start = time.perf_counter()
             try:
                 score, seed = self._score(engine, path)
-            except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
-                # Remembered, so the strategy skips it and it is not retried until the file changes.
-                if isinstance(e, (ImageReadError, raps3d.ImageError)):
-                    error = str(e)
-                    logger.warning(f"Raps-3D scoring: {image_id}: {error}")
-                else:
-                    error = f"{type(e).__name__}: {e}"
-                    logger.exception(f"Raps-3D scoring: {image_id} failed")
+            except (ImageReadError, raps3d.ImageError) as e:
+                # The file itself is refused: remembered, so the strategy skips it and it is not retried until the
+                # file changes.
+                logger.warning(f"Raps-3D scoring: {image_id}: {e}")
                 datastore.update_image_info(image_id, {SCORE_KEY: None, DETAILS_KEY: {
-                    "weights": weights, "file": file_id, "error": error, "ts": int(time.time())}})
-                summary["failed"][image_id] = error
+                    "weights": weights, "file": file_id, "error": str(e), "ts": int(time.time())}})
+                summary["failed"][image_id] = str(e)
+                continue
+            except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
+                # Not the file's fault (out of memory while the server works on the same GPU, ...): tried again on
+                # the next pass, and meanwhile still handed out.
+                logger.exception(f"Raps-3D scoring: {image_id} failed")
+                summary["failed"][image_id] = f"{type(e).__name__}: {e}"
                 continue
             datastore.update_image_info(image_id, {SCORE_KEY: score, DETAILS_KEY: {
                 "weights": weights, "file": file_id, "seed_ijk": list(seed[::-1]), "ts": int(time.time()),
