@@ -29,6 +29,11 @@ def train_server(tmp_path_factory):
     # Not CT: phantom_01 with its values shifted out of Hounsfield units (no air), as a normalised image would be.
     image = sitk.ReadImage(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
     sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) + 1100.0, str(studies / "not_ct.nii.gz"))
+    # A float CT with a NaN voxel (as resampling with NaN padding leaves; NRRD keeps it, ITK's NIfTI reader would
+    # read 0): inference refuses it, so must training.
+    with_nan = sitk.Cast(image, sitk.sitkFloat32)
+    with_nan[3, 4, 5] = float("nan")
+    sitk.WriteImage(with_nan, str(studies / "nan_ct.nrrd"))
     with running_server(work, studies, work / "model" / "raps3d.pt") as srv:
         srv.model_path = work / "model" / "raps3d.pt"
         yield srv
@@ -68,6 +73,7 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     for image_id in ("phantom_01", "phantom_02"):
         save_final_label(srv, image_id)
     save_final_label(srv, "not_ct", reference="phantom_01")
+    save_final_label(srv, "nan_ct", reference="phantom_01")
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 3, "batch_size": 2, "publish": "always"},
                       timeout=60)
     assert r.status_code == 200, r.text
@@ -76,8 +82,9 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     stats = train_stats(srv)
     assert stats["status"] == "FINISHED" and stats["epoch"] == 3 and stats["published"] is True
     assert set(stats["train_images"]) | set(stats["val_images"]) == {"phantom_01", "phantom_02"}
-    assert list(stats["skipped_images"]) == ["not_ct"]  # read as inference reads it: refused, and said why
+    assert sorted(stats["skipped_images"]) == ["nan_ct", "not_ct"]  # read as inference reads them: refused, why
     assert "does not look like CT in Hounsfield units" in stats["skipped_images"]["not_ct"]
+    assert stats["skipped_images"]["nan_ct"] == "the image contains NaN or infinite values"
     assert 0.0 <= stats["val_dice"] <= 1.0 and np.isfinite(stats["loss"]) and stats["loss"] > 0
     assert srv.model_path.exists()
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t2"})

@@ -5,9 +5,9 @@ from .checkpoint import load_model, save_model
 from .engine import Engine
 from .errors import CheckpointError, ImageError, PromptError, Raps3DError, SessionError
 from .geometry import Box, Frame
-from .predictor import ImageState, InteractiveObject, Prompts, Result, SliceBox
+from .predictor import ImageState, InteractiveObject, Prompts, Result, SliceBox, check_volume
 from .sessions import SessionStore
 
 __all__ = ["Box", "CheckpointError", "Engine", "Frame", "ImageError", "ImageState", "InteractiveObject",
            "PromptError", "Prompts", "Raps3DError", "Result", "SessionError", "SessionStore", "SliceBox",
-           "load_model", "save_model"]
+           "check_volume", "load_model", "save_model"]

@@ -35,22 +35,29 @@ UNDO_STEPS = 32
 TIGHTEN_RATIO = 0.35
 
 
+def check_volume(volume, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """The volume (z, y, x) and its spacing (mm, z, y, x) as arrays, or ImageError saying why Raps-3D cannot
+    segment it (nor train on it)."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ImageError(f"expected a 3D volume, got an array of shape {volume.shape}")
+    if min(volume.shape) < 2:
+        raise ImageError(f"a volume of shape {volume.shape} has a single slice or row; Raps-3D needs 3D images")
+    if volume.dtype.kind not in "iuf":
+        raise ImageError(f"unsupported image data type {volume.dtype}")
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise ImageError("the image contains NaN or infinite values")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (3,) or not (spacing > 0).all():
+        raise ImageError(f"invalid voxel spacing {spacing.tolist()}")
+    return volume, spacing
+
+
 class ImageState:
     """A volume, validated once, with its zoom-out features shared by every object segmented on it."""
 
     def __init__(self, engine: Engine, volume: np.ndarray, spacing=(1.0, 1.0, 1.0)):
-        volume = np.asarray(volume)
-        if volume.ndim != 3:
-            raise ImageError(f"expected a 3D volume, got an array of shape {volume.shape}")
-        if min(volume.shape) < 2:
-            raise ImageError(f"a volume of shape {volume.shape} has a single slice or row; Raps-3D needs 3D images")
-        if volume.dtype.kind not in "iuf":
-            raise ImageError(f"unsupported image data type {volume.dtype}")
-        if volume.dtype.kind == "f" and not np.isfinite(volume).all():
-            raise ImageError("the image contains NaN or infinite values")
-        spacing = np.asarray(spacing, dtype=np.float64)
-        if spacing.shape != (3,) or not (spacing > 0).all():
-            raise ImageError(f"invalid voxel spacing {spacing.tolist()}")
+        volume, spacing = check_volume(volume, spacing)
         self.engine = engine
         self.volume = volume
         self.shape = tuple(volume.shape)

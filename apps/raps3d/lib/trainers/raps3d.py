@@ -24,7 +24,7 @@ import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from raps3d import load_model, save_model
+from raps3d import ImageError, check_volume, load_model, save_model
 from raps3d.modeling import build_model
 from raps3d.training.data import Case
 from raps3d.training.train import TrainConfig, train
@@ -83,8 +83,9 @@ class Raps3DTrain(TrainTask):
             name = _image_name(item["image"])
             try:
                 volume, geometry = read_image(item["image"])
+                check_volume(volume, geometry.spacing[::-1])  # what inference refuses (NaN, one slice) is skipped
                 label = read_label_on_grid(item["label"], geometry)
-            except (ImageReadError, RuntimeError, OSError) as e:
+            except (ImageReadError, ImageError, RuntimeError, OSError) as e:
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
                 continue
