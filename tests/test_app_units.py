@@ -272,6 +272,27 @@ def test_options_from_conf_then_environment_then_defaults():
         AppOptions.from_conf({"result_dir": "/nonexistent/folder"}, {})
 
 
+# -- DICOMweb errors --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error, status, detail", [
+    (OSError(28, "No space left on device"), 507,
+     "the server cannot write its DICOMweb cache for '1.2.3': No space left on device; nothing is wrong with the "
+     "series"),
+    (PermissionError(13, "Permission denied"), 500,
+     "the server cannot write its DICOMweb cache for '1.2.3': Permission denied; nothing is wrong with the series"),
+    (RuntimeError("ITK ERROR: GDCMImageIO\nunsupported transfer syntax"), 422,
+     "series '1.2.3' cannot be converted: unsupported transfer syntax"),
+])
+def test_a_full_or_read_only_cache_is_not_blamed_on_the_series(error, status, detail):
+    from fastapi import HTTPException
+
+    from lib.dicomweb import http_errors
+
+    with pytest.raises(HTTPException) as e:
+        with http_errors("1.2.3", "send series", "series '1.2.3' cannot be converted"):
+            raise error
+    assert (e.value.status_code, e.value.detail) == (status, detail)
+
+
 # -- active learning --------------------------------------------------------------------------------------------------
 def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unreadable_one(tmp_path, monkeypatch):
     import shutil

@@ -9,8 +9,8 @@
 - A newly fetched series (or final label) is answered with its cached NIfTI beside the DICOM folder, where the series
   checks find it, and MONAI Label's temporary conversion, a copy of the patient's images, is removed.
 - Fetch and save errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be
-  converted or a label that cannot be written as SEG) instead of MONAI Label's bare 500; so does saving an empty
-  ``final`` label (400).
+  converted or a label that cannot be written as SEG, 507 or 500 when this server cannot write its cache) instead of
+  MONAI Label's bare 500; so does saving an empty ``final`` label (400).
 
 Everything else (listing series, caching, writing ``final`` labels back as DICOM SEG) is MONAI Label's own
 ``DICOMWebDatastore``, configured by its usual settings (``MONAI_LABEL_DICOMWEB_*``, ``MONAI_LABEL_*_PREFIX``).
@@ -19,6 +19,7 @@ Everything else (listing series, caching, writing ``final`` labels back as DICOM
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -36,6 +37,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 logger = logging.getLogger(__name__)
 
 SEG_TOOL = "itkimage2segimage"
+# Failures of this server's own storage: 507 (Insufficient Storage) when full, 500 when the cache cannot be written.
+STORAGE_ERRORS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 500, errno.EPERM: 500, errno.EROFS: 500}
 AS_STORED = (("application/dicom", "*"),)  # any transfer syntax: the one the server stores
 
 
@@ -194,6 +197,9 @@ def http_errors(series_uid: str, server_action: str, unprocessable: str):
         raise HTTPException(status_code=502, detail=f"the DICOMweb server cannot be reached: "
                                                     f"{type(e).__name__}") from None
     except (RuntimeError, ValueError, OSError) as e:  # SimpleITK/GDCM or dcmqi could not convert
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRORS:  # this server's disk, not the series
+            raise HTTPException(status_code=STORAGE_ERRORS[e.errno], detail=f"the server cannot write its DICOMweb "
+                                f"cache for {series_uid!r}: {e.strerror}; nothing is wrong with the series") from None
         text = str(e).strip().splitlines()
         reason = text[-1] if text else type(e).__name__
         raise HTTPException(status_code=422, detail=f"{unprocessable}: {reason}") from None
