@@ -43,6 +43,19 @@ def test_objects_are_keyed_by_client_image_object_and_evicted(engine):
     assert store.get_object(("alice", "img", "liver")) is a and b is not a
 
 
+def test_an_object_on_an_image_evicted_meanwhile_answers_but_keeps_no_session(engine):
+    store = SessionStore(engine, max_images=2)
+    image = store.image("a", loader(3))  # one request opens image a ...
+    store.image("b", loader(4))  # ... while others open enough images to evict it
+    store.image("c", loader(5))
+    assert not store.is_open("a")
+    obj = store.new_object(("u", "a", "o"), image)
+    assert obj.add_point((10, 20, 20)).full_mask().shape == (20, 40, 40)  # the request is still answered
+    with pytest.raises(SessionError, match="no interaction session"):
+        store.get_object(("u", "a", "o"))  # nothing keeps image a's volume in memory
+    assert store.stats()["images"] == 2 and store.stats()["objects"] == 0
+
+
 def test_idle_sessions_expire(engine):
     store = SessionStore(engine, idle_seconds=0.2)
     image = store.image("img", loader(2))

@@ -67,11 +67,17 @@ class SessionStore:
 
     # -- objects --------------------------------------------------------------------------------------------------
     def new_object(self, key: ObjectKey, image: ImageState) -> InteractiveObject:
+        """A new object on ``image``, kept as ``key``'s session while the image is open. When other requests have
+        evicted the image since this one opened it, the object still answers this request but is not kept: a
+        session would hold the evicted volume beyond ``max_images``."""
         obj = InteractiveObject(image)
         with self._lock:
-            self._objects[key] = obj
-            self._objects.move_to_end(key)
-            self._evict()
+            if any(state is image for state in self._images.values()):
+                self._objects[key] = obj
+                self._objects.move_to_end(key)
+                self._evict()
+            else:
+                self._objects.pop(key, None)
         return obj
 
     def get_object(self, key: ObjectKey) -> InteractiveObject:
