@@ -72,7 +72,8 @@ def stat(xs):
 
 def bench_volume(engine: Engine, volume, spacing, reference, repeats: int) -> dict:
     z, a, b = largest_slice_box(reference)
-    centre = tuple(centre_point(reference[z - 2:z + 3]) + np.array([z - 2, 0, 0]))
+    low = max(z - 2, 0)  # a slab of up to 5 slices around the box's slice
+    centre = tuple(centre_point(reference[low:z + 3]) + np.array([low, 0, 0]))
     buffer = np.zeros(volume.shape, np.uint8)
     first, inside, outside, no_cache, sliding = [], [], [], [], []
     for r in range(repeats):
