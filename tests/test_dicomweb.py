@@ -362,6 +362,36 @@ def test_one_process_at_a_time_fetches_a_series_into_the_cache(orthanc, tmp_path
     assert volume.shape == (48, 128, 160) and len(os.listdir(image_dir)) == 48
 
 
+def test_scoring_fetches_only_series_already_in_the_cache_unless_asked(orthanc, tmp_path):
+    """Scoring runs at start: fetching every series would download the hospital's whole CT archive."""
+    import sys
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from lib import dicomweb
+    from lib.model_service import ModelService
+    from lib.options import AppOptions
+    from lib.scoring.uncertainty import Raps3DUncertainty
+
+    client = dicomweb.StoredSyntaxClient(url=orthanc.dicomweb, session=create_session_from_user_pass(*orthanc.auth))
+    store = dicomweb.Raps3DDICOMWebDatastore(client=client, search_filter={"Modality": "CT"},
+                                             cache_path=str(tmp_path))
+    scoring = Raps3DUncertainty(ModelService(AppOptions(model_path=tmp_path / "absent.pt", device="cpu")))
+    missing = orthanc.series["phantom_missing_slice"].series_uid
+    listed = set(store.get_unlabeled_images())
+    assert missing in listed and len(listed) > 1
+    summary = scoring({}, store)
+    assert set(summary["not_fetched"]) == listed and not summary["scored"] and not summary["failed"]
+    assert not set(os.listdir(store._datastore.image_path())) & listed  # nothing downloaded
+    store.get_image_uri(missing)  # a viewer opened the series
+    summary = scoring({}, store)
+    assert set(summary["not_fetched"]) == listed - {missing} and "uneven slice spacing" in summary["failed"][missing]
+    summary = scoring({"fetch": True}, store)  # asked for: every series is fetched
+    assert summary["not_fetched"] == [] and summary["unchanged"] == [missing]
+    assert set(summary["scored"]) | set(summary["failed"]) == listed - {missing}
+
+
 def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_no_copy_behind(orthanc, tmp_path,
                                                                                               monkeypatch):
     """MONAI Label answers a first fetch with a temporary conversion; read there, the series checks (next to the

@@ -69,6 +69,10 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
                 raise
         return _cached_copy(uri, os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
 
+    def is_cached(self, image_id: str) -> bool:
+        """Whether the series was fetched and converted already: reading it downloads nothing."""
+        return os.path.isfile(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         uri = super().get_label_uri(label_id, label_tag, image_id)
         if label_tag != DefaultLabelTag.FINAL or not uri:

@@ -4,7 +4,8 @@ Each image gets one automatic click (the brightest soft-tissue blob, see ``auto_
 predicted IoU of its mask tells how sure it is: uncertainty = 1 - predicted IoU. The score is stored in the image's
 info in the datastore (``datastore.update_image_info``), with the weights and file it was computed for, so an image
 is scored again only when the model or the file changed. MONAI Label runs this in a subprocess by default (at
-start, after training, after each next-sample request) or in the server with ``run_sync``.
+start, after training, after each next-sample request) or in the server with ``run_sync``. Over DICOMweb it scores
+only series already fetched into the cache, unless the request says ``fetch``.
 """
 
 from __future__ import annotations
@@ -42,14 +43,24 @@ class Raps3DUncertainty(ScoringMethod):
         engine = self.service.engine()
         weights = self.service.status().weights
         rescore = str(request.get("rescore", "false")).lower() in ("1", "true", "yes")
+        # Over DICOMweb, only series a viewer has opened (already in the cache) are scored unless asked: scoring
+        # at start would otherwise download every CT series of the hospital's server.
+        fetch = str(request.get("fetch", "false")).lower() in ("1", "true", "yes")
+        is_cached = getattr(datastore, "is_cached", None)
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
-        summary = {"scored": {}, "unchanged": [], "failed": {}}
+        summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
         for image_id in images:
+            if is_cached is not None and not fetch and not is_cached(image_id):
+                summary["not_fetched"].append(image_id)
+                continue
             try:  # over DICOMweb this fetches and converts the series: one that fails must not stop the pass
                 path = datastore.get_image_uri(image_id)
-            except Exception as e:  # noqa: BLE001 - not recorded: a server that is down now may answer next time
-                logger.warning(f"Raps-3D scoring: {image_id} cannot be fetched: {type(e).__name__}: {e}")
-                summary["failed"][image_id] = f"cannot be fetched: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001
+                # Not recorded (the datastore keeps info only for converted series): a server that is down now may
+                # answer next time.
+                detail = getattr(e, "detail", None) or f"{type(e).__name__}: {e}"
+                logger.warning(f"Raps-3D scoring: {image_id} cannot be fetched: {detail}")
+                summary["failed"][image_id] = f"cannot be fetched: {detail}"
                 continue
             if not path or not os.path.exists(path):
                 continue
