@@ -5,9 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    rm -rf .venv  # absent, or left without pip by a creation that failed
     echo "creating .venv with $("$PYTHON" --version)"
-    "$PYTHON" -m venv .venv
+    if ! "$PYTHON" -m venv .venv; then
+        rm -rf .venv
+        echo "cannot create .venv: $PYTHON has no working venv module (Debian: apt-get install python3.11-venv)" >&2
+        exit 1
+    fi
 fi
 stamp=.venv/.raps3d-installed
 want=$(cat requirements.txt lib/pyproject.toml | sha256sum | cut -d' ' -f1)
