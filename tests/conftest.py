@@ -41,7 +41,7 @@ BAD_IMAGES = {"corrupt": "corrupt.nii.gz", "flat2d": "flat2d.png", "rgb": "rgb.p
               "oneslice": "oneslice.nii.gz", "mr": "mr.nii.gz"}
 
 SERVER_START_TIMEOUT = 240  # seconds; a cold start on a busy 2-core machine can be slow
-TORCH_THREADS = "1"  # the test machine is small and shared: one thread keeps the server from fighting for cores
+TORCH_THREADS = "1"  # CI machines are small: one thread keeps the server from fighting the tests for cores
 
 def real_ct_path(image_id: str) -> Path:
     path = DATA_ROOT / REAL_CT[image_id]
