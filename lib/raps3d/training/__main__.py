@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--packed", help="read the cases from this file (written by raps3d.training.packed) instead of "
                                      "the data folder; --limit then applies when packing")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU or CPU)")
     p.add_argument("--workers", type=int, default=0, help="processes drawing training samples (0: none)")
     p.add_argument("--mid-zoom-fraction", type=float, default=0.0,
                    help="share of samples in the predictor's intermediate view, a cube around the structure "
