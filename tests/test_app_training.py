@@ -123,6 +123,23 @@ def test_fine_tuning_keeps_the_image_encoder_fixed_unless_told_otherwise(train_s
     assert changed(after, last.state_dict(), "image_encoder.")
 
 
+def test_by_default_a_candidate_is_published_only_when_it_validates_at_least_as_well(train_server):
+    srv = train_server
+    if not srv.model_path.exists():
+        pytest.skip("needs the model published by the first test")
+    before = digest(srv.model_path)
+    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert wait_for_training(srv)["status"] == "DONE"
+    stats = train_stats(srv)
+    assert stats["published"] is (stats["val_dice"] >= stats["baseline_dice"])
+    assert (digest(srv.model_path) != before) is stats["published"]
+    assert stats["message"] == (f"published: validation Dice {stats['val_dice']:.3f}, served model's "
+                                f"{stats['baseline_dice']:.3f}" if stats["published"] else
+                                f"kept the served model: validation Dice {stats['val_dice']:.3f}, served model's "
+                                f"{stats['baseline_dice']:.3f}")
+
+
 def test_stopped_training_leaves_the_served_model_intact(train_server):
     srv = train_server
     if not srv.model_path.exists():

@@ -259,3 +259,37 @@ def test_frozen_parameters_stay_as_they_were_and_the_rest_trains(cases, tmp_path
     assert all(p.requires_grad for p in loaded.parameters())
     with pytest.raises(ValueError, match="leaves nothing to train"):
         train(model, cases, tmp_path / "n.pt", TrainConfig(steps=1, batch_size=2, freeze=("",)))
+
+
+class _FixedMasks(torch.nn.Module):
+    """Decodes three candidate masks per sample, the one with the highest predicted IoU being ``chosen``: a model
+    whose outputs quick_dice must turn into known Dice values."""
+
+    def __init__(self, candidates, iou):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.candidates, self.iou = candidates, iou
+
+    def encode(self, image):
+        return image
+
+    def decode(self, feats, coords, labels, mask_prompt, multimask):
+        return self.candidates[None].float() * 2 - 1, self.iou[None]
+
+
+def test_quick_dice_scores_the_mask_the_model_is_most_sure_of():
+    from raps3d.training.sampling import Sample
+    from raps3d.training.validation import quick_dice
+
+    target = np.zeros((4, 8, 8), bool)
+    target[1:3, 2:6, 2:6] = True  # 32 voxels
+    half = target.copy()
+    half[2] = False  # 16 of them
+    sample = Sample(np.zeros((4, 8, 8), np.float32), target, np.zeros((1, 3), np.float32), np.ones(1, np.int64),
+                    True)
+    masks = torch.from_numpy(np.stack([np.zeros_like(target), target, half]))
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [sample]) == 1.0
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.9, 0.1, 0.5])), [sample]) == 0.0
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.5, 0.9])), [sample]) == pytest.approx(2 * 16 / 48)
+    # The mean over samples.
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.5, 0.9])), [sample, sample]) == pytest.approx(2 / 3)
