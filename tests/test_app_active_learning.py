@@ -46,6 +46,35 @@ def test_scoring_stores_an_uncertainty_per_readable_image(server, scores):
         assert infos[image_id][SCORING] is None and infos[image_id][f"{SCORING}_details"]["error"]
 
 
+def test_the_score_is_one_minus_the_predicted_iou_at_the_automatic_click(server, scores):
+    """The library's own answer for the same model, image and click: uncertainty, not confidence, and the click in
+    viewer order [i, j, k]."""
+    import sys
+
+    import torch
+
+    from conftest import APP_DIR, SAMPLE_IMAGES
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.auto_prompt import soft_tissue_seed
+    from lib.images import read_image
+    from lib.model_service import UNTRAINED_CONFIG, UNTRAINED_SEED
+    from raps3d import Engine, ImageState, InteractiveObject
+    from raps3d.modeling import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
+        model = build_model(UNTRAINED_CONFIG)
+    details = _image_infos(server)["phantom_01"][f"{SCORING}_details"]
+    volume, geometry = read_image(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
+    seed = soft_tissue_seed(volume, geometry.spacing[::-1])
+    assert details["seed_ijk"] == [int(v) for v in seed[::-1]]
+    result = InteractiveObject(ImageState(Engine(model), volume, geometry.spacing[::-1])).add_point(seed)
+    assert 0.0 < result.iou < 1.0
+    assert scores["phantom_01"] == pytest.approx(1.0 - result.iou, abs=1e-4)
+
+
 def test_strategy_returns_the_least_certain_images_first_and_skips_unreadable_ones(server, scores):
     ranked = sorted(scores, key=lambda image_id: -scores[image_id])
     first = _next(server, "annotator-1")
