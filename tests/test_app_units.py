@@ -109,7 +109,13 @@ def test_raw_nrrd_header_is_exact_for_pynrrd(tmp_path):
 def test_an_empty_label(tmp_path):
     for fmt in (LabelFormat(".nrrd"), LabelFormat(".nrrd", compress=True), LabelFormat(".nii.gz")):
         path = write_label(fmt, None, None, None, GEOMETRY, str(tmp_path))
-        assert not sitk.GetArrayFromImage(sitk.ReadImage(path)).any()
+        label = sitk.ReadImage(path)
+        assert not sitk.GetArrayFromImage(label).any()
+        # Still the image's grid: a viewer overlays it like any other label.
+        assert label.GetSize() == GEOMETRY.size
+        np.testing.assert_allclose(label.GetSpacing(), GEOMETRY.spacing, rtol=1e-6)
+        np.testing.assert_allclose(label.GetOrigin(), GEOMETRY.origin, rtol=1e-6)
+        np.testing.assert_allclose(label.GetDirection(), GEOMETRY.direction, atol=1e-6)
 
 
 @pytest.mark.parametrize("params,ok", [

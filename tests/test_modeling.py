@@ -64,6 +64,8 @@ def test_features_shared_by_several_prompt_sets_give_each_its_own_mask():
         shared, _ = model.decode(feats, coords, labels)
         one_by_one = torch.cat([model.decode(feats, coords[i:i + 1], labels[i:i + 1])[0] for i in range(3)])
     assert torch.allclose(shared, one_by_one, atol=1e-5)
+    # The prompts matter: other prompt sets, other masks.
+    assert (shared[0] - shared[1]).abs().max() > 1e-3 and (shared[1] - shared[2]).abs().max() > 1e-3
 
 
 def test_checkpoints_with_and_without_detail_load_as_they_were_saved(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raps3d import Engine, ImageError, ImageState, InteractiveObject, PromptError, load_model
+from raps3d import Box, Engine, ImageError, ImageState, InteractiveObject, PromptError, load_model
 from raps3d.predictor import UNDO_STEPS
 from raps3d.sliding_window import sliding_window_zoom_in
 
@@ -26,13 +26,21 @@ def shipped_ct():
     return ImageState(Engine(load_model(SHIPPED_MODEL)[0]), volume, spacing)
 
 
-def test_first_point_runs_zoom_out_then_zoom_in_around_the_prompt(ct):
-    obj = InteractiveObject(ct)
+def encoded_regions(engine, monkeypatch) -> list:
+    """The regions the engine encodes from now on (the real encoder still runs)."""
+    regions, encode = [], engine.encode
+    monkeypatch.setattr(engine, "encode", lambda volume, frame: regions.append(frame.box) or encode(volume, frame))
+    return regions
+
+
+def test_first_point_runs_zoom_out_then_zoom_in_around_the_prompt(ct, monkeypatch):
+    regions = encoded_regions(ct.engine, monkeypatch)
+    obj = InteractiveObject(ImageState(ct.engine, ct.volume, ct.spacing))  # nothing cached yet
     r = obj.add_point((56, 50, 60))
     assert not r.cache_hit
     assert r.roi.contains((56, 50, 60))
     assert r.roi.size != ct.shape  # a zoom-in region, not the whole volume
-    assert {"zoom_out_encode", "zoom_in_encode"} <= set(r.timings)
+    assert regions[0] == Box((0, 0, 0), ct.shape) and regions[-1] == r.roi  # zoom-out first, zoom-in last
     assert r.full_mask().shape == ct.shape and r.mask_roi.shape == r.roi.size
 
 
@@ -62,10 +70,13 @@ def test_a_viewers_buffer_is_brought_up_to_date_from_the_changed_box():
     np.testing.assert_array_equal(outside.update(buffer), outside.full_mask())
 
 
-def test_zoom_out_features_are_shared_between_objects(ct):
-    InteractiveObject(ct).add_point((56, 50, 60))
-    r = InteractiveObject(ct).add_box(56, (40, 50), (60, 70))
+def test_zoom_out_features_are_shared_between_objects(ct, monkeypatch):
+    regions = encoded_regions(ct.engine, monkeypatch)
+    image = ImageState(ct.engine, ct.volume, ct.spacing)
+    InteractiveObject(image).add_point((56, 50, 60))
+    r = InteractiveObject(image).add_box(56, (40, 50), (60, 70))
     assert r.timings["zoom_out_cached"] is True
+    assert regions.count(Box((0, 0, 0), ct.shape)) == 1  # the whole volume was encoded once for both objects
 
 
 def test_undo_restores_previous_state_and_reset_clears(shipped_ct):
@@ -169,12 +180,21 @@ def test_edit_without_cache_gives_the_same_mask():
     np.testing.assert_array_equal(a.mask_roi, b.mask_roi)
 
 
-def test_sliding_window_baseline_covers_the_roi(ct):
+def test_sliding_window_baseline_covers_the_roi(ct, monkeypatch):
+    import torch
+
     obj = InteractiveObject(ct)
-    r = obj.add_point((56, 50, 60))
-    mask = sliding_window_zoom_in(obj, obj.prompts, r.roi)
-    assert mask.shape == r.roi.size and mask.dtype == np.uint8
-    assert not mask.any()  # the same (empty-mask) model, window by window: nothing appears
+    obj.add_point((56, 50, 60))
+    decode = ct.engine.decode
+    # Every window says "all foreground": a region any window leaves out would stay 0.
+    monkeypatch.setattr(ct.engine, "decode", lambda *a, **k: (torch.ones_like(decode(*a, **k)[0]), 1.0))
+    regions = encoded_regions(ct.engine, monkeypatch)
+    whole = Box((0, 0, 0), ct.shape)
+    mask = sliding_window_zoom_in(obj, obj.prompts, whole)
+    assert mask.shape == ct.shape and mask.dtype == np.uint8 and mask.all()
+    window = ct.engine.config.input_shape
+    assert len(regions) > 1 and all(all(s <= w for s, w in zip(b.size, window)) for b in regions)
+    assert sorted({b.start[0] for b in regions})[-1] + window[0] == ct.shape[0]  # the last window ends at the edge
 
 
 def test_result_update_writes_only_the_changed_box():
