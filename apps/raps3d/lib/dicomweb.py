@@ -67,11 +67,15 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
                 if fresh:
                     shutil.rmtree(image_dir, ignore_errors=True)
                 raise
-        return _cached_copy(uri, os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        return _cached_copy(uri, self._cached_image(image_id))
 
     def is_cached(self, image_id: str) -> bool:
         """Whether the series was fetched and converted already: reading it downloads nothing."""
-        return os.path.isfile(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        return os.path.isfile(self._cached_image(image_id))
+
+    def _cached_image(self, image_id: str) -> str:
+        """Where MONAI Label keeps a fetched series converted to NIfTI, beside its DICOM folder."""
+        return os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         uri = super().get_label_uri(label_id, label_tag, image_id)

@@ -29,6 +29,10 @@ SCORE_KEY = "raps3d_uncertainty"
 DETAILS_KEY = "raps3d_uncertainty_details"
 
 
+def _asked(request: dict, key: str) -> bool:
+    return str(request.get(key, "false")).lower() in ("1", "true", "yes")
+
+
 def _file_id(path: str) -> str:
     return ":".join(str(part) for part in image_key(path)[1:])
 
@@ -42,10 +46,10 @@ class Raps3DUncertainty(ScoringMethod):
     def __call__(self, request, datastore: Datastore):
         engine = self.service.engine()
         weights = self.service.status().weights
-        rescore = str(request.get("rescore", "false")).lower() in ("1", "true", "yes")
+        rescore = _asked(request, "rescore")
         # Over DICOMweb, only series a viewer has opened (already in the cache) are scored unless asked: scoring
         # at start would otherwise download every CT series of the hospital's server.
-        fetch = str(request.get("fetch", "false")).lower() in ("1", "true", "yes")
+        fetch = _asked(request, "fetch")
         is_cached = getattr(datastore, "is_cached", None)
         images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
         summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
