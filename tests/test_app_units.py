@@ -199,6 +199,100 @@ def test_dicom_series_of_another_modality_or_with_malformed_positions_are_refuse
         read_image(str(_sample_series_copy(tmp_path / "bad", ImageOrientationPatient=[1, 0, 0, 0, 1])))
 
 
+def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7)) -> np.ndarray:
+    """A multi-frame (enhanced) CT file, one frame per position (LPS, mm), frame n holding -1000 + n HU; returns
+    the frames as stored."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def item(**tags):
+        ds = Dataset()
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        return ds
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "enhanced", 1
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(positions), 10, 12
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SharedFunctionalGroupsSequence = Sequence([item(
+        PixelMeasuresSequence=Sequence([item(PixelSpacing=list(spacing), SliceThickness=2.0)]),
+        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]))])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([
+        item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[float(v) for v in p])])) for p in positions])
+    frames = (np.arange(len(positions), dtype=np.int16)[:, None, None] - 1000) * np.ones((1, 10, 12), np.int16)
+    ds.PixelData = frames.tobytes()
+    ds.save_as(str(path), write_like_original=False)
+    return frames
+
+
+def test_the_frames_of_a_multi_frame_ct_get_the_series_checks(tmp_path):
+    def folder_with(name, positions):
+        folder = tmp_path / name
+        folder.mkdir()
+        _enhanced_ct_file(folder / "frames.dcm", positions)
+        return str(folder)
+
+    # Evenly spaced frames, stored along the slice normal or against it: every frame is placed at its position.
+    for name, step in (("ascending", 2.0), ("descending", -2.0)):
+        positions = [(-5.0, 7.0, 50.0 + step * n) for n in range(6)]
+        volume, geometry = read_image(folder_with(name, positions))
+        grid = geometry.apply_to(sitk.Image(list(geometry.size), sitk.sitkUInt8))
+        for k in range(volume.shape[0]):
+            frame = int(volume[k, 0, 0]) + 1000
+            np.testing.assert_allclose(grid.TransformIndexToPhysicalPoint((0, 0, k)), positions[frame], atol=1e-4)
+    # A missing frame and a tilted stack would be distorted volumes (the reader would even fall back to 1 mm
+    # spacing for the first): refused like the same series stored as one file per slice.
+    missing = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in (0, 1, 2, 4, 5)]
+    with pytest.raises(ImageReadError, match=r"uneven slice spacing \(gaps from 2.00 to 4.00 mm"):
+        read_image(folder_with("missing", missing))
+    tilted = [(-5.0, 7.0 + 2.0 * n * np.tan(np.radians(20)), 50.0 + 2.0 * n) for n in range(6)]
+    with pytest.raises(ImageReadError, match=r"gantry-tilted \(slices sheared by 20.0 degrees"):
+        read_image(folder_with("tilted", tilted))
+
+
+def test_of_two_equally_large_series_in_a_folder_the_one_checked_is_the_one_read(tmp_path):
+    import pydicom
+
+    source = sorted((Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01").glob("*.dcm"))
+    straight_uid, tilted_uid = "1.2.826.0.1.3680043.2.1.8", "1.2.826.0.1.3680043.2.1.9"
+    for straight_prefix, tilted_prefix in (("a_", "b_"), ("b_", "a_")):  # file names do not decide
+        folder = tmp_path / f"straight_{straight_prefix}"
+        folder.mkdir()
+        for n, path in enumerate(source):
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = straight_uid
+            ds.save_as(folder / f"{straight_prefix}{path.name}")
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = tilted_uid, pydicom.uid.generate_uid()
+            ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1]) + n,
+                                       float(ds.ImagePositionPatient[2])]
+            ds.save_as(folder / f"{tilted_prefix}{path.name}")
+        # The straight series has the first UID: it is checked, read, and equals the sample series.
+        volume, geometry = read_image(str(folder))
+        expected, expected_geometry = read_image(str(source[0].parent))
+        np.testing.assert_array_equal(volume, expected)
+        assert geometry == expected_geometry
+        from lib.images import read_geometry
+
+        assert read_geometry(str(folder)) == expected_geometry
+    # With the UIDs the other way round the tilted series is the one read, so the folder is refused.
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = straight_uid if ds.SeriesInstanceUID == tilted_uid else tilted_uid
+        ds.save_as(path)
+    with pytest.raises(ImageReadError, match="gantry-tilted"):
+        read_image(str(folder))
+
+
 def test_an_enhanced_ct_file_gets_the_rescale_its_functional_groups_hold(tmp_path):
     import shutil
 

@@ -70,18 +70,19 @@ def _read_headers(folder: str, tags: list[str] = _TAGS) -> list:
 
 
 def series_headers(folder: str) -> list:
-    """The headers of the largest series in ``folder`` (the one ITK's series reader takes)."""
+    """The headers of the series in ``folder`` that is read as its volume: the one with the most files, of equally
+    large ones the first by UID (``images`` reads that same series, so what is checked is what is segmented)."""
     by_series = defaultdict(list)
     for header in _read_headers(folder):
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
-    return max(by_series.values(), key=len) if by_series else []
+    return max(sorted(by_series.items()), key=lambda item: len(item[1]))[1] if by_series else []
 
 
 def check_series(headers: list) -> None:
     """Raises SeriesError when the series of ``headers`` is not CT (by its Modality) or would be a distorted
     volume: slices of different orientations, gantry tilt (sheared stack), several slices at one position, uneven
-    slice gaps, or position tags that cannot be read. Series without position information (e.g. one multi-frame
-    file) are not checked for geometry."""
+    slice gaps, or position tags that cannot be read. The frames of a multi-frame file count as its slices; a
+    series without position information is not checked for geometry."""
     if not headers:
         return
     modalities = {str(h.get("Modality", "") or "").strip().upper() for h in headers} - {""}
@@ -118,13 +119,41 @@ def functional_group_rescale(headers: list) -> tuple[float, float] | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _group_value(groups: list, sequence: str, keyword: str):
+    """``keyword`` from the first item of functional group ``sequence`` in the first of ``groups`` that has it."""
+    for group in groups:
+        items = group.get(sequence) if group is not None else None
+        if items and items[0].get(keyword) is not None:
+            return items[0].get(keyword)
+    return None
+
+
+def _planes(headers: list) -> list[tuple]:
+    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of every slice: one per single-frame file, one
+    per frame of a multi-frame file (from its per-frame functional groups, else its shared ones). Slices without
+    position or orientation are left out."""
+    planes = []
+    for h in headers:
+        if int(h.get("NumberOfFrames", 1) or 1) == 1:
+            planes.append((h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing")))
+            continue
+        shared = list(h.get("SharedFunctionalGroupsSequence") or [None])[:1]
+        for frame in h.get("PerFrameFunctionalGroupsSequence") or []:
+            groups = [frame] + shared
+            planes.append((_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+                           or h.get("ImageOrientationPatient"),
+                           _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"),
+                           _group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or h.get("PixelSpacing")))
+    return [p for p in planes if p[0] is not None and p[1] is not None]
+
+
 def _check_stack(headers: list) -> None:
-    slices = [h for h in headers if h.get("ImagePositionPatient") is not None
-              and h.get("ImageOrientationPatient") is not None and int(h.get("NumberOfFrames", 1) or 1) == 1]
+    # Frames of a multi-frame file are checked like the files of a series: ITK stacks them the same way.
+    slices = _planes(headers)
     if len(slices) < 2:
         return
 
-    orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in slices])
+    orientations = np.array([[float(v) for v in orientation] for orientation, _, _ in slices])
     if orientations.shape[1] != 6:
         raise ValueError("ImageOrientationPatient needs 6 values")
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
@@ -134,7 +163,7 @@ def _check_stack(headers: list) -> None:
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
 
-    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in slices])
+    positions = np.array([[float(v) for v in position] for _, position, _ in slices])
     depth = positions @ normal
     order = np.argsort(depth)
     positions, depth = positions[order], depth[order]
@@ -146,10 +175,10 @@ def _check_stack(headers: list) -> None:
 
     in_plane = (positions - positions[0]) - np.outer(depth - depth[0], normal)
     drift = float(np.linalg.norm(in_plane, axis=1).max())
-    pixel = min((float(v) for v in slices[0].get("PixelSpacing", [1.0, 1.0])), default=1.0)
+    pixel = min((float(v) for v in slices[0][2] or [1.0, 1.0]), default=1.0)
     if drift > SHEAR_TOLERANCE_PIXELS * pixel:
         tilt = math.degrees(math.atan2(drift, float(depth[-1] - depth[0])))
-        stated = slices[0].get("GantryDetectorTilt")
+        stated = headers[0].get("GantryDetectorTilt")
         stated = f"; Gantry/Detector Tilt {float(stated):g} degrees" if stated not in (None, "") else ""
         raise SeriesError(
             f"the DICOM series is gantry-tilted (slices sheared by {tilt:.1f} degrees{stated}): stacked as a regular "

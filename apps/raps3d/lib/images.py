@@ -75,14 +75,17 @@ def _itk_reason(error: RuntimeError, path: str) -> str:
     return line.replace(os.path.realpath(path), os.path.basename(path)).replace(path, os.path.basename(path))
 
 
-def _read_sitk(path: str, header_only: bool = False):
+def _read_sitk(path: str, header_only: bool = False, series_uid: str | None = None):
     if os.path.isdir(path):
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(path)
         if not series:
             raise ImageReadError(f"the folder {os.path.basename(path)!r} holds no DICOM series")
-        # Several series in one folder: take the one with the most slices.
-        files = max((reader.GetGDCMSeriesFileNames(path, s) for s in series), key=len)
+        if series_uid not in series:
+            # Several series in one folder: the one with the most slices, of equally large ones the first by UID
+            # (as ``series_headers`` chooses, whose checks the caller ran on ``series_uid``).
+            series_uid = max(sorted(series), key=lambda s: len(reader.GetGDCMSeriesFileNames(path, s)))
+        files = reader.GetGDCMSeriesFileNames(path, series_uid)
         if len(files) == 1:  # one multi-frame file: read as a volume (the series reader would add a 4th axis)
             return sitk.ReadImage(files[0])
         reader.SetFileNames(files)
@@ -108,7 +111,7 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
     functional groups hold is applied."""
     folder = source_series_folder(path)
-    rescale = None
+    rescale = series_uid = None
     if folder is not None:
         headers = series_headers(folder)
         try:
@@ -116,8 +119,9 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
         except SeriesError as e:
             raise ImageReadError(str(e)) from None
         rescale = functional_group_rescale(headers)
+        series_uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else None
     try:
-        image = _read_sitk(path)
+        image = _read_sitk(path, series_uid=series_uid)
     except ImageReadError:
         raise
     except RuntimeError as e:
@@ -174,7 +178,9 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
 def read_geometry(path: str) -> Geometry:
     """The geometry alone (reads only the header of a file)."""
     try:
-        info = _read_sitk(path, header_only=True)
+        series = series_headers(path) if os.path.isdir(path) else []
+        info = _read_sitk(path, header_only=True,
+                          series_uid=str(series[0].get("SeriesInstanceUID", "")) if series else None)
     except RuntimeError as e:
         raise ImageReadError(f"cannot read {os.path.basename(path)!r} as an image: {_itk_reason(e, path)}") from None
     if isinstance(info, sitk.Image):
