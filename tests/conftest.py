@@ -181,6 +181,7 @@ def wait_until_answering(process: subprocess.Popen, url: str, timeout: float, na
 def running_server(work: Path, studies: Path | str, model_path: Path, extra_env: dict[str, str] | None = None):
     """``monailabel start_server`` with the Raps-3D app over ``studies`` (a folder or a DICOMweb URL), stopped (with
     its process group) on exit. ``extra_env``: more environment variables for the server (e.g. MONAI Label settings).
+    A training run publishes to ``work/model/raps3d_finetuned.pt``.
     """
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAPS3D_", "MONAI_LABEL_"))}
@@ -194,6 +195,7 @@ def running_server(work: Path, studies: Path | str, model_path: Path, extra_env:
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port),
            "--conf", "model_path", str(model_path),
+           "--conf", "trained_model_path", str(work / "model" / "raps3d_finetuned.pt"),
            "--conf", "torch_threads", TORCH_THREADS,
            "--conf", "result_dir", str(work)]
     log = work / "server.log"

@@ -34,8 +34,12 @@ def train_server(tmp_path_factory):
     with_nan = sitk.Cast(image, sitk.sitkFloat32)
     with_nan[3, 4, 5] = float("nan")
     sitk.WriteImage(with_nan, str(studies / "nan_ct.nrrd"))
-    with running_server(work, studies, work / "model" / "raps3d.pt") as srv:
-        srv.model_path = work / "model" / "raps3d.pt"
+    base = work / "base" / "raps3d_lite.pt"  # the base checkpoint: the shipped model's weights
+    base.parent.mkdir()
+    shutil.copy(ROOT / "model" / "raps3d_lite.pt", base)
+    with running_server(work, studies, base) as srv:
+        srv.base_path, srv.base_digest = base, digest(base)
+        srv.model_path = work / "model" / "raps3d_finetuned.pt"  # served once a run has published it
         yield srv
 
 
@@ -69,7 +73,7 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     info = requests.get(f"{srv.url}/info/", timeout=30).json()
     assert "raps3d" in info["trainers"]
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t"})
-    assert r.json()["model"]["trained"] is False
+    assert r.json()["model"]["checkpoint"] == "raps3d_lite.pt" and r.json()["model"]["trained"] is True
     for image_id in ("phantom_01", "phantom_02"):
         save_final_label(srv, image_id)
     save_final_label(srv, "not_ct", reference="phantom_01")
@@ -86,9 +90,10 @@ def test_train_publishes_and_inference_picks_it_up(train_server):
     assert "does not look like CT in Hounsfield units" in stats["skipped_images"]["not_ct"]
     assert stats["skipped_images"]["nan_ct"] == "the image contains NaN or infinite values"
     assert 0.0 <= stats["val_dice"] <= 1.0 and np.isfinite(stats["loss"]) and stats["loss"] > 0
-    assert srv.model_path.exists()
+    assert srv.model_path.exists() and digest(srv.base_path) == srv.base_digest  # the base is never written
+    assert load_model(srv.model_path)[1]["fine_tune"]["from"] == "raps3d_lite.pt"
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t2"})
-    assert r.json()["model"]["trained"] is True  # picked up without a restart
+    assert r.json()["model"]["checkpoint"] == "raps3d_finetuned.pt"  # picked up without a restart
 
 
 def train_and_publish(srv, **options) -> None:
@@ -183,3 +188,15 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
     assert digest(srv.model_path) == before
     assert not list(srv.model_path.parent.glob(".*.candidate.pt"))
     srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t4"})
+
+
+def test_removing_the_fine_tuned_checkpoint_serves_the_base_again(train_server):
+    srv = train_server
+    if not srv.model_path.exists():
+        pytest.skip("needs the model published by the first test")
+    r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t5"})
+    assert r.json()["model"]["checkpoint"] == "raps3d_finetuned.pt"
+    srv.model_path.unlink()
+    r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t5"})
+    assert r.json()["model"]["checkpoint"] == "raps3d_lite.pt" and r.json()["cache"] == "new_object"
+    assert digest(srv.base_path) == srv.base_digest

@@ -407,7 +407,8 @@ def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unrea
         shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies)
     (studies / "broken.nii.gz").write_bytes(b"not an image")
     datastore = LocalDatastore(str(studies))
-    scoring = Raps3DUncertainty(ModelService(AppOptions(model_path=tmp_path / "absent.pt", device="cpu")))
+    options = AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt", device="cpu")
+    scoring = Raps3DUncertainty(ModelService(options))
     score, failures = Raps3DUncertainty._score, []
 
     def out_of_memory_once(engine, path):
@@ -431,7 +432,7 @@ def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unrea
 # -- model service ----------------------------------------------------------------------------------------------------
 def test_model_service_falls_back_loads_and_reloads(tmp_path, caplog):
     path = tmp_path / "model.pt"
-    service = ModelService(AppOptions(model_path=path, device="cpu"))
+    service = ModelService(AppOptions(model_path=path, trained_model_path=tmp_path / "tuned.pt", device="cpu"))
     assert service.expected_status().trained is False  # nothing loaded yet: a cheap look at the file
     with caplog.at_level("WARNING"):
         status = service.status()
@@ -450,11 +451,20 @@ def test_model_service_falls_back_loads_and_reloads(tmp_path, caplog):
     assert service.engine() is trained_engine  # a bad file does not replace working weights
     assert service.store() is service.store()
 
+    # A fine-tuned checkpoint, once published, is served instead of the base; removed, the base is served again.
+    tuned = tmp_path / "tuned.pt"
+    raps3d.save_model(raps3d.modeling.build_model("lite"), tuned)
+    assert service.status().path == str(tuned) and service.engine() is not trained_engine
+    torch.manual_seed(1)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), path)
+    tuned.unlink()
+    assert service.status().path == str(path) and service.status().trained
+
 
 def test_model_service_reports_an_unreadable_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"not a checkpoint")
-    status = ModelService(AppOptions(model_path=path, device="cpu")).status()
+    status = ModelService(AppOptions(model_path=path, trained_model_path=tmp_path / "tuned.pt", device="cpu")).status()
     assert not status.trained and "Loading it failed" in status.warning
 
 

@@ -377,7 +377,8 @@ def test_scoring_fetches_only_series_already_in_the_cache_unless_asked(orthanc, 
     client = dicomweb.StoredSyntaxClient(url=orthanc.dicomweb, session=create_session_from_user_pass(*orthanc.auth))
     store = dicomweb.Raps3DDICOMWebDatastore(client=client, search_filter={"Modality": "CT"},
                                              cache_path=str(tmp_path))
-    scoring = Raps3DUncertainty(ModelService(AppOptions(model_path=tmp_path / "absent.pt", device="cpu")))
+    options = AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt", device="cpu")
+    scoring = Raps3DUncertainty(ModelService(options))
     missing = orthanc.series["phantom_missing_slice"].series_uid
     listed = set(store.get_unlabeled_images())
     assert missing in listed and len(listed) > 1

@@ -47,7 +47,7 @@ class Raps3DApp(MONAILabelApp):
         return {MODEL_NAME: self.task.infer()}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        # Publishes to self.options.model_path; the infer task reloads the checkpoint when the file changes.
+        # Publishes to options.trained_model_path, which is then served; the infer task reloads it when it changes.
         return {MODEL_NAME: Raps3DTrain(self.options)}
 
     def init_strategies(self) -> dict[str, Strategy]:

@@ -42,13 +42,24 @@ def _checkpoint_signature(path) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    return f"{st.st_mtime_ns}:{st.st_size}"
+    return f"{os.path.basename(path)}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def untrained_warning(path) -> str:
     return (f"WARNING: no usable Raps-3D checkpoint at {os.path.basename(str(path))!r}: running an UNTRAINED "
             f"'{UNTRAINED_CONFIG}' model with random weights. Masks are meaningless until a trained checkpoint is "
             "installed (it is picked up without a restart).")
+
+
+def checkpoint_summary(meta: dict) -> str:
+    """A checkpoint's provenance in one short log line (its training history stays in the file)."""
+    state = meta.get("train_state") or {}
+    parts = [f"{key}: {meta[key]}" for key in ("command", "data", "fine_tune") if meta.get(key)]
+    if state.get("step") is not None:
+        parts.append(f"step {state['step']}")
+    if (meta.get("calibration") or {}).get("mask_threshold") is not None:
+        parts.append(f"mask threshold {meta['calibration']['mask_threshold']}")
+    return "; ".join(parts)
 
 
 def resolve_device(name: str) -> str:
@@ -68,42 +79,42 @@ class ModelService:
 
     def expected_status(self) -> ModelStatus:
         """What the service runs, or would run if it loaded now. Only looks at the file: cheap enough for /info."""
-        sig = _checkpoint_signature(self.options.model_path)
+        path = self.options.served_model_path
+        sig = _checkpoint_signature(path)
         if self._status is not None and sig == self._checked_signature:
             return self._status
         if sig is None:
-            return ModelStatus(str(self.options.model_path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG,
-                               untrained_warning(self.options.model_path))
-        return ModelStatus(str(self.options.model_path), True, sig, "(not loaded yet)")
+            return ModelStatus(str(path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, untrained_warning(path))
+        return ModelStatus(str(path), True, sig, "(not loaded yet)")
 
-    def _untrained(self, warning: str) -> tuple[raps3d.modeling.Raps3D, ModelStatus]:
+    def _untrained(self, path, warning: str) -> tuple[raps3d.modeling.Raps3D, ModelStatus]:
         banner = "!" * 100
         logger.warning(f"\n{banner}\n{warning}\n{banner}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(UNTRAINED_SEED)
             model = build_model(UNTRAINED_CONFIG)
-        return model, ModelStatus(str(self.options.model_path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, warning)
+        return model, ModelStatus(str(path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, warning)
 
-    def _choose_model(self, sig: str | None):
-        """The model to run for checkpoint state ``sig``, or None to keep the one in use."""
-        path = self.options.model_path
+    def _choose_model(self, path, sig: str | None):
+        """The model to run for checkpoint ``path`` in state ``sig``, or None to keep the one in use."""
         if sig is None:
             if self._engine is not None:
                 logger.warning(f"Raps-3D: checkpoint {path} disappeared; keeping the model in use")
                 return None
-            return self._untrained(untrained_warning(path))
+            return self._untrained(path, untrained_warning(path))
         try:
             model, meta = raps3d.load_model(path)
         except raps3d.CheckpointError as e:
             if self._engine is not None:
                 logger.error(f"Raps-3D: cannot load the changed checkpoint ({e}); keeping the model in use")
                 return None
-            return self._untrained(f"{untrained_warning(path)} Loading it failed: {e}")
-        logger.info(f"Raps-3D: loaded checkpoint {path} ({model.config.name}); meta: {meta}")
+            return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {e}")
+        logger.info(f"Raps-3D: loaded checkpoint {path} ({model.config.name}); {checkpoint_summary(meta)}")
         return model, ModelStatus(str(path), True, sig, model.config.name)
 
     def _ensure(self) -> None:
-        sig = _checkpoint_signature(self.options.model_path)
+        path = self.options.served_model_path
+        sig = _checkpoint_signature(path)
         if self._engine is not None and sig == self._checked_signature:
             return
         with self._lock:
@@ -111,7 +122,7 @@ class ModelService:
                 return
             if self._engine is None and self.options.torch_threads > 0:
                 torch.set_num_threads(self.options.torch_threads)
-            chosen = self._choose_model(sig)
+            chosen = self._choose_model(path, sig)
             self._checked_signature = sig  # a file that failed to load is not retried until it changes
             if chosen is None:
                 return

@@ -11,7 +11,11 @@ from pathlib import Path
 
 # apps/raps3d/lib/options.py -> the repository root is three folders up from lib/.
 REPO_ROOT = Path(__file__).resolve().parents[3]
+APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_PATH = REPO_ROOT / "model" / "raps3d_lite.pt"
+# The train task publishes here, never over the base checkpoint: the shipped file stays as released, and removing
+# the fine-tuned one serves the base again. MONAI Label keeps an app's own models in its model/ folder.
+DEFAULT_TRAINED_MODEL_PATH = APP_DIR / "model" / "raps3d_finetuned.pt"
 # Names offered to viewers; the model is class-agnostic, so a name only names the output.
 DEFAULT_LABELS = ("liver", "spleen", "right_kidney", "left_kidney", "aorta")
 
@@ -21,6 +25,7 @@ ENV_PREFIX = "RAPS3D_"
 @dataclass(frozen=True)
 class AppOptions:
     model_path: Path = DEFAULT_MODEL_PATH
+    trained_model_path: Path = DEFAULT_TRAINED_MODEL_PATH
     device: str = "auto"  # auto: cuda when available, else cpu
     bf16: bool = False
     torch_threads: int = 0  # 0: leave torch's default
@@ -30,6 +35,11 @@ class AppOptions:
     labels: tuple[str, ...] = DEFAULT_LABELS
     result_dir: str = ""  # where reply labels are written before sending; "" = the system temp folder
     reserve_seconds: float = 600.0  # active learning: do not hand out an image served this recently
+
+    @property
+    def served_model_path(self) -> Path:
+        """The checkpoint to serve: the site's fine-tuned one once the train task has published it, else the base."""
+        return self.trained_model_path if self.trained_model_path.exists() else self.model_path
 
     @staticmethod
     def from_conf(conf: dict | None, environ: dict | None = None) -> "AppOptions":
@@ -71,6 +81,7 @@ class AppOptions:
         labels = raw("labels")
         return AppOptions(
             model_path=Path(raw("model_path") or DEFAULT_MODEL_PATH).expanduser(),
+            trained_model_path=Path(raw("trained_model_path") or DEFAULT_TRAINED_MODEL_PATH).expanduser(),
             device=device,
             bf16=flag("bf16", False),
             torch_threads=number("torch_threads", int, 0, 0),

@@ -28,7 +28,7 @@ class Raps3DConfig(TaskConfig):
         # Cheap: parses options only; the model loads on first use.
         self.options: AppOptions = kwargs.get("options") or AppOptions.from_conf(conf)
         self.labels = list(self.options.labels)
-        self.path = [str(self.options.model_path)]
+        self.path = [str(self.options.model_path), str(self.options.trained_model_path)]  # base, then fine-tuned
         self.service = ModelService(self.options)
 
     def infer(self) -> InferTask | dict[str, InferTask]:

@@ -190,5 +190,6 @@ class Raps3DInfer(InferTask):
             "latencies": {"pre": rounded["open_image"], "infer": rounded["interact"], "invert": 0.0, "post": 0.0,
                           "write": rounded["write"], "total": rounded["total"], "transform": None},
             "centroids": {},
-            "model": {"trained": status.trained, "config": status.config, "warning": status.warning},
+            "model": {"checkpoint": os.path.basename(status.path), "trained": status.trained, "config": status.config,
+                      "warning": status.warning},
         }

@@ -1,10 +1,11 @@
 """Fine-tune the served model on the images whose 'final' label users saved, in MONAI Label's train subprocess.
 
 Each structure (label value) of a saved label is a binary target; the library's training loop simulates boxes,
-points and corrective clicks on zoom-out and zoom-in samples. The candidate is written to a scratch file beside the
-model and published (atomically moved over the served checkpoint) only when the run finished and it is at least as
-good as the served model on the validation split. A run that is stopped or killed never touches the served file; the
-infer task picks a published model up without a restart (it watches the file). With several GPUs, one training
+points and corrective clicks on zoom-out and zoom-in samples, starting from the served model. The candidate is
+written to a scratch file beside the fine-tuned checkpoint's path and published (atomically moved there) only when
+the run finished and it is at least as good as the served model on the validation split; the base checkpoint is
+never written. A run that is stopped or killed never touches the served file; the infer task picks a published model
+up without a restart (it watches the file). With several GPUs, one training
 process runs per GPU (torch.distributed, NCCL), gradients averaged; the batch size is per GPU.
 """
 
@@ -43,8 +44,8 @@ class Raps3DTrain(TrainTask):
     def __init__(self, options: AppOptions, description: str = "Fine-tune Raps-3D on saved (final) labels"):
         super().__init__(description)
         self.options = options
-        self.model_path = Path(options.model_path)
-        self.stats_path = self.model_path.with_name(self.model_path.stem + "_train_stats.json")
+        self.publish_path = Path(options.trained_model_path)
+        self.stats_path = self.publish_path.with_name(self.publish_path.stem + "_train_stats.json")
 
     def config(self):
         # publish: "if_better" (default: only a candidate at least as good as the served model replaces it),
@@ -69,7 +70,7 @@ class Raps3DTrain(TrainTask):
 
     @property
     def _scratch(self) -> Path:
-        return self.model_path.with_name(f".{self.model_path.stem}.candidate.pt")
+        return self.publish_path.with_name(f".{self.publish_path.stem}.candidate.pt")
 
     def _write_stats(self, stats: dict) -> None:
         _write_json(self.stats_path, stats)
@@ -96,6 +97,7 @@ class Raps3DTrain(TrainTask):
         return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
+        self.publish_path.parent.mkdir(parents=True, exist_ok=True)
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
                  "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname()}
         self._write_stats(stats)
@@ -115,8 +117,9 @@ class Raps3DTrain(TrainTask):
             val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
             train_cases = [cases[i] for i in order[n_val:]] or cases
 
-            if self.model_path.exists():
-                model, meta = load_model(self.model_path)
+            served = self.options.served_model_path
+            if served.exists():
+                model, meta = load_model(served)
             else:
                 logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
                 model, meta = build_model("lite"), {}
@@ -132,8 +135,8 @@ class Raps3DTrain(TrainTask):
             train_cfg = TrainConfig(steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
                                     warmup=min(20, steps), log_every=max(1, min(10, steps)),
                                     save_every=max(1, steps), freeze=FROZEN if cfg["freeze_image_encoder"] else ())
-            fine_tune = {"fine_tuned_on": [c.name for c in train_cases],
-                         "base": meta.get("train_state", {}).get("step"), "frozen": list(train_cfg.freeze)}
+            fine_tune = {"fine_tuned_on": [c.name for c in train_cases], "from": served.name if served.exists()
+                         else None, "base": meta.get("train_state", {}).get("step"), "frozen": list(train_cfg.freeze)}
             save_model(model.cpu(), scratch, {**meta, "fine_tune": fine_tune}, half=False)  # the workers' start point
             job = (scratch, train_cases, val_cases, train_cfg, str(self.stats_path), stats)
             if gpus > 1:  # one process per GPU, gradients averaged over NCCL
@@ -145,7 +148,7 @@ class Raps3DTrain(TrainTask):
             candidate = quick_dice(model, val_samples)
             published = cfg["publish"] == "always" or (cfg["publish"] == "if_better" and candidate >= baseline)
             if published:
-                save_model(model.cpu(), self.model_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
+                save_model(model.cpu(), self.publish_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
                                                                                  "baseline_dice": baseline}})
         except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
             stats = {**self.stats(), "status": "FAILED", "end_ts": time.time(),
