@@ -12,7 +12,4 @@ from pathlib import Path
 from raps3d.training.evaluate import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--model" not in args:
-        args = ["--model", str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt")] + args
-    main(args)
+    main(sys.argv[1:], default_model=str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"))

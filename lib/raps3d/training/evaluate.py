@@ -112,9 +112,10 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
+def main(argv=None, default_model: str | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate a Raps-3D checkpoint with the paper's protocol.")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=default_model is None, default=default_model,
+                   help="checkpoint" + (f" (default {default_model})" if default_model else ""))
     p.add_argument("--openkbp", type=int, default=None, help="number of OpenKBP validation patients (default all)")
     p.add_argument("--lidc", type=int, default=None, help="number of held-out LIDC nodules (default all)")
     p.add_argument("--out", help="write rows and summary as JSON here (and a plot beside it)")
