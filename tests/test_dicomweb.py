@@ -84,6 +84,19 @@ def test_unknown_series_is_404_not_500(dicomweb_server):
     assert r.status_code == 404 and "not on the DICOMweb server" in r.json()["detail"]
 
 
+def test_the_proxy_forwards_dicomweb_paths_only(dicomweb_server, orthanc):
+    url = f"{dicomweb_server.url}/proxy/dicom"
+    phantom = orthanc.series["phantom"]
+    r = requests.get(f"{url}/qido/studies", params={"StudyInstanceUID": phantom.study_uid}, timeout=30)
+    assert r.status_code == 200 and [s["0020000D"]["Value"][0] for s in r.json()] == [phantom.study_uid]
+    # Percent-encoded traversal would reach the PACS's own REST API (here Orthanc's /system) with its credentials.
+    for method, path in (("GET", "qido/..%2F..%2Fsystem"), ("GET", "wado/..%2Fdicom-web%2Fstudies"),
+                         ("GET", "stow/..%2F..%2Fsystem"), ("POST", "stow/..%2F..%2Ftools%2Freset"),
+                         ("GET", "..%2Fsystem"), ("GET", "qido/studies%3Flimit=1")):
+        r = requests.request(method, f"{url}/{path}", timeout=30)
+        assert r.status_code == 400 and r.json()["detail"] == "not a DICOMweb resource path", (method, path, r.text)
+
+
 # -- decoding and geometry ------------------------------------------------------------------------------------------
 def test_uncompressed_phantom_series_matches_its_nifti_twin(dicomweb_server, orthanc, tmp_path):
     phantom = orthanc.series["phantom"]
@@ -396,13 +409,15 @@ def test_scoring_fetches_only_series_already_in_the_cache_unless_asked(orthanc, 
 def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_no_copy_behind(orthanc, tmp_path,
                                                                                               monkeypatch):
     """MONAI Label answers a first fetch with a temporary conversion; read there, the series checks (next to the
-    DICOM folder) were skipped, and a copy of the patient's images stayed in the temporary folder."""
+    DICOM folder) were skipped, and a copy of the patient's images stayed in the temporary folder (also when the
+    request failed after the conversion)."""
     import sys
     import tempfile
 
     if str(APP_DIR) not in sys.path:
         sys.path.insert(0, str(APP_DIR))
     from dicomweb_client.session_utils import create_session_from_user_pass
+    from fastapi import HTTPException
     from lib import dicomweb
     from lib.images import ImageReadError, read_image
 
@@ -417,4 +432,26 @@ def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_n
     assert path == os.path.realpath(os.path.join(store._datastore.image_path(), missing + ".nii.gz"))
     with pytest.raises(ImageReadError, match="uneven slice spacing \\(gaps from 3.00 to 6.00 mm"):
         read_image(path)
-    assert [name for name in os.listdir(scratch) if not name.endswith(".lock")] == []
+    assert os.listdir(scratch) == []  # nor a lock file, which anyone could take there
+
+    # A failure after the conversion (the server's look-up of the series' details) leaves no copy behind either, nor
+    # the series' folder.
+    phantom = orthanc.series["phantom"].series_uid
+
+    def unreachable(series_id):
+        raise requests.ConnectionError("the DICOMweb server went away")
+
+    monkeypatch.setattr(store, "_dicom_info", unreachable)
+    with pytest.raises(requests.ConnectionError):
+        store.get_image_uri(phantom)
+    assert os.listdir(scratch) == [] and not store.is_cached(phantom)
+    assert not os.path.exists(os.path.join(store._datastore.image_path(), phantom))
+
+    # Ids name folders of the cache: anything but a UID is refused before a path is made of it.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for image_id in (f"no-such-dir/../../../{victim.name}", "../victim", "1.2.3/../../victim", "1.2." + "3" * 70):
+        with pytest.raises(HTTPException) as refused:
+            store.get_image_uri(image_id)
+        assert refused.value.status_code == 404 and "is not a DICOM series UID" in refused.value.detail
+    assert victim.is_dir()

@@ -7,7 +7,9 @@
 - Nothing is downloaded at start: MONAI Label fetches dcmqi (used to write DICOM SEG) from the internet when
   ``itkimage2segimage`` is not on PATH. The ``dcmqi`` Python package provides it; its folder is put on PATH here.
 - A newly fetched series (or final label) is answered with its cached NIfTI beside the DICOM folder, where the series
-  checks find it, and MONAI Label's temporary conversion, a copy of the patient's images, is removed.
+  checks find it, and the temporary conversion, a copy of the patient's images, is removed whether or not the rest
+  of the request succeeds (fetching and converting are MONAI Label's; the order of the steps is redone here for that).
+- Image ids must be DICOM UIDs: they name folders of the cache, which a path in their place would leave.
 - Fetch and save errors become clear HTTP errors (404 unknown series, 502 server error, 422 series that cannot be
   converted or a label that cannot be written as SEG, 507 or 500 when this server cannot write its cache) instead of
   MONAI Label's bare 500; so does saving an empty ``final`` label (400).
@@ -24,14 +26,17 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sys
-import tempfile
 
 import requests
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import dicom_to_nifti
+from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,13 @@ SEG_TOOL = "itkimage2segimage"
 # Failures of this server's own storage: 507 (Insufficient Storage) when full, 500 when the cache cannot be written.
 STORAGE_ERRORS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 500, errno.EPERM: 500, errno.EROFS: 500}
 AS_STORED = (("application/dicom", "*"),)  # any transfer syntax: the one the server stores
+DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def check_uid(uid) -> None:
+    """HTTPException 404 unless ``uid`` is a DICOM UID (digits and dots, at most 64 characters)."""
+    if not isinstance(uid, str) or len(uid) > 64 or not DICOM_UID.fullmatch(uid):
+        raise HTTPException(status_code=404, detail=f"{str(uid)[:80]!r} is not a DICOM series UID")
 
 
 class StoredSyntaxClient(DICOMwebClientX):
@@ -55,19 +67,26 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
     failing inside the DICOM SEG writer (a bare 500), and other failures to save one are clear HTTP errors."""
 
     def get_image_uri(self, image_id: str) -> str:
-        # MONAI Label downloads a series into its cache folder when that folder is empty, and converts whatever the
-        # folder holds. The server and its scoring subprocess may fetch the same series at once: one at a time here,
-        # or one would convert the other's half-written folder. A failed download leaves no partial folder behind.
+        # The server and its scoring subprocess may fetch the same series at once: one at a time here, or one would
+        # convert the other's half-written folder. A failed download leaves no partial folder behind.
+        check_uid(image_id)
         image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
         with series_lock(image_dir):
             fresh = not os.path.isdir(image_dir) or not os.listdir(image_dir)
             try:
-                uri = super().get_image_uri(image_id)
+                if fresh:
+                    dicom_web_download_series(None, image_id, image_dir, self._client, self._fetch_by_frame)
+                if not self._convert_to_nifti:
+                    return image_dir
+                cached = self._cached_image(image_id)
+                if not os.path.exists(cached):
+                    with _converted(image_dir) as converted:
+                        LocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
+                return cached
             except BaseException:
                 if fresh:
                     shutil.rmtree(image_dir, ignore_errors=True)
                 raise
-        return _cached_copy(uri, self._cached_image(image_id))
 
     def is_cached(self, image_id: str) -> bool:
         """Whether the series was fetched and converted already: reading it downloads nothing."""
@@ -75,15 +94,27 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
 
     def _cached_image(self, image_id: str) -> str:
         """Where MONAI Label keeps a fetched series converted to NIfTI, beside its DICOM folder."""
-        return os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
+        return os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        uri = super().get_label_uri(label_id, label_tag, image_id)
-        if label_tag != DefaultLabelTag.FINAL or not uri:
-            return uri
-        return _cached_copy(uri, os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
+        if label_tag != DefaultLabelTag.FINAL:
+            return super().get_label_uri(label_id, label_tag, image_id)
+        check_uid(label_id)
+        label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
+        if not os.path.isdir(label_dir) or not os.listdir(label_dir):
+            dicom_web_download_series(None, label_id, label_dir, self._client, self._fetch_by_frame)
+        if not self._convert_to_nifti:
+            return label_dir
+        cached = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
+        if not os.path.exists(cached):
+            with _converted(label_dir, is_seg=True) as converted:
+                if not converted:
+                    return ""  # not a segmentation MONAI Label can convert
+                LocalDatastore.save_label(self, image_id, converted, label_tag, self._dicom_info(label_id))
+        return cached
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        check_uid(image_id)
         if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
             raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
                                                         "which needs at least one labelled voxel")
@@ -91,22 +122,28 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
 
 
-def _cached_copy(uri: str, cached: str) -> str:
-    """The cached NIfTI instead of the temporary file MONAI Label converted a newly fetched series into (and copied
-    into its cache): the series checks find the DICOM folder only beside the cached file, and the temporary copy of
-    the patient's images is removed rather than left readable in the shared temporary folder."""
-    uri, cached = os.path.realpath(uri), os.path.realpath(cached)
-    if uri != cached and os.path.isfile(cached) and os.path.dirname(uri) == os.path.realpath(tempfile.gettempdir()):
-        os.remove(uri)
-        return cached
-    return uri
+@contextlib.contextmanager
+def _converted(folder: str, is_seg: bool = False):
+    """MONAI Label's conversion of a DICOM folder to a temporary NIfTI (readable by this account only), removed on
+    leaving, whatever happened meanwhile: it is a copy of the patient's images."""
+    path = dicom_to_nifti(folder, is_seg=is_seg) if is_seg else dicom_to_nifti(folder)
+    try:
+        if path:
+            os.chmod(path, 0o600)
+        yield path
+    finally:
+        if path and os.path.isfile(path):
+            os.remove(path)
 
 
 @contextlib.contextmanager
 def series_lock(image_dir: str):
-    """An exclusive lock, across the processes of this machine, on one series' cache folder."""
+    """An exclusive lock, across the processes of this machine, on one series' cache folder. Lock files live in a
+    folder of the cache that only this account can enter (in a shared temporary folder, anyone could take them)."""
     digest = hashlib.sha1(image_dir.encode()).hexdigest()[:20]
-    with open(os.path.join(tempfile.gettempdir(), f"raps3d-series-{digest}.lock"), "a") as handle:
+    locks = os.path.join(os.path.dirname(image_dir), ".raps3d-locks")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    with open(os.path.join(locks, f"series-{digest}.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

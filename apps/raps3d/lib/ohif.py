@@ -13,6 +13,10 @@ requests without their query string and without the ``Accept`` header. OHIF asks
 JPEG 2000 on servers that cannot transcode it (Orthanc without its GDCM plugin), so such studies stay black. A GET
 route placed before MONAI Label's forwards the query and ``Accept`` (same target URL, prefixes, credentials and
 roles as MONAI Label's proxy). POST requests (STOW) are left to MONAI Label's proxy.
+
+Either proxy sends the request with the PACS's credentials, and the path arrives percent-decoded (``..%2F`` is
+``../``), which the HTTP client then resolves: any path on the PACS host (its admin API, say) would be reachable. Every
+proxied path, GET or POST, must therefore look like a DICOMweb resource path, or the request is refused with 400.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 import os
+import re
 
 import requests
 from fastapi import Depends, HTTPException, Request
@@ -72,13 +77,26 @@ def proxy_target(op: str, path: str) -> str:
     return f"{server}/{prefix.strip('/')}/{path}" if prefix else f"{server}/{path}"
 
 
+# A DICOMweb resource path: segments of UIDs, keywords, frame lists and bulk data ids, none of them "." or "..".
+DICOMWEB_SEGMENT = re.compile(r"[A-Za-z0-9_,=.-]+")
+
+
+def check_proxy_path(path: str) -> None:
+    """HTTPException 400 unless ``path`` is a DICOMweb resource path (no traversal, query or fragment in it)."""
+    segments = path.split("/")
+    if segments and segments[-1] == "":
+        segments = segments[:-1]  # a trailing slash
+    if not segments or any(seg in (".", "..") or not DICOMWEB_SEGMENT.fullmatch(seg) for seg in segments):
+        raise HTTPException(status_code=400, detail="not a DICOMweb resource path")
+
+
 FORWARDED_HEADERS = ("accept",)
 RETURNED_HEADERS = ("content-type",)
 
 
 def install_routes(fastapi_app=None) -> list[str]:
-    """Puts the corrected ``/ohif/{path}`` route, and for DICOMweb studies the GET proxy routes, first in MONAI
-    Label's FastAPI app. Returns the paths installed."""
+    """Puts the corrected ``/ohif/{path}`` route, and for DICOMweb studies the GET proxy routes and the path check
+    of all other proxied requests, first in MONAI Label's FastAPI app. Returns the paths installed."""
     if fastapi_app is None:
         from monailabel.app import app as fastapi_app
     routes = []
@@ -97,8 +115,10 @@ def install_routes(fastapi_app=None) -> list[str]:
                                include_in_schema=False))
 
     studies = settings.MONAI_LABEL_STUDIES or ""
-    if "raps3d_proxy" not in names and studies.startswith(("http://", "https://")) and "googleapis.com" not in studies:
+    remote = studies.startswith(("http://", "https://"))
+    if "raps3d_proxy" not in names and remote and "googleapis.com" not in studies:
         def proxy(request: Request, op: str, path: str):
+            check_proxy_path(path)
             auth = None
             if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
                 auth = (settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
@@ -120,6 +140,22 @@ def install_routes(fastapi_app=None) -> list[str]:
                             name="raps3d_proxy", include_in_schema=False)
 
         routes += [route_for("qido"), route_for("wado")]
+
+    if "raps3d_proxy_checked" not in names and remote:
+        from monailabel.endpoints.proxy import proxy_dicom
+
+        # Every other proxied request (POST, i.e. STOW; GET of stow/ or of a path without a service; Google's
+        # DICOMweb) still goes to MONAI Label's proxy, after the same path check.
+        async def raps3d_proxy_checked(request: Request, path: str,
+                                       user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+            op, _, rest = path.partition("/")
+            if op not in ("qido", "wado", "stow"):
+                op, rest = "", path
+            check_proxy_path(rest)
+            return await proxy_dicom(request, op, rest)
+
+        routes.append(APIRoute(f"{api}/proxy/dicom/{{path:path}}", raps3d_proxy_checked, methods=["GET", "POST"],
+                               name="raps3d_proxy_checked", include_in_schema=False))
 
     for route in reversed(routes):
         fastapi_app.router.routes.insert(0, route)
