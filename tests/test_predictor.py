@@ -143,6 +143,14 @@ def test_bad_prompts_get_clear_errors_and_lose_nothing(ct, call, message):
     assert obj.result is before and len(obj.prompts.points) == 1
 
 
+def test_an_objects_logits_hold_only_their_own_memory(ct):
+    obj = InteractiveObject(ct)
+    obj.add_point((56, 50, 60))  # one point: the decoder returns several candidate masks, one is kept
+    obj.add_point((56, 52, 64))
+    for logits in [obj._state.logits] + [state.logits for state in obj._history if state.logits is not None]:
+        assert logits.untyped_storage().nbytes() == logits.numel() * logits.element_size()
+
+
 def test_box_partly_outside_is_clipped(ct):
     obj = InteractiveObject(ct)
     r = obj.add_box(56, (80, 100), (140, 160))

@@ -51,6 +51,8 @@ class SessionStore:
                 with self._lock:
                     state = self._images.get(image_key)
                 if state is None:
+                    with self._lock:  # make room first: the new volume would otherwise join max_images others
+                        self._evict(room_for=1)
                     volume, spacing = loader()
                     state = ImageState(self.engine, volume, spacing)
                     with self._lock:
@@ -106,10 +108,10 @@ class SessionStore:
                     "image_bytes": sum(s.nbytes for s in self._images.values())}
 
     # -- bounds (called with the lock held) ------------------------------------------------------------------------
-    def _evict(self) -> None:
+    def _evict(self, room_for: int = 0) -> None:
         while len(self._objects) > self.max_objects:
             self._objects.popitem(last=False)
-        while len(self._images) > self.max_images:
+        while self._images and len(self._images) + room_for > self.max_images:
             key, state = self._images.popitem(last=False)
             self._drop_objects_of(state)
 
