@@ -27,6 +27,7 @@ CLICK = [80, 64, 24]
     ({"foreground": [CLICK], "result_extension": ".png"}, "result_extension '.png' is not supported"),
     ({"foreground": [CLICK], "result_dtype": "complex64"}, "result_dtype 'complex64' is not supported"),
     ({"foreground": [CLICK], "reset": True, "undo": True}, "either 'reset' or 'undo'"),
+    ({"foreground": [CLICK] * 100, "background": [[1, 1, 1]] * 29}, "at most 128 points per object, got 129"),
 ])
 def test_malformed_prompts_are_400(server, params, fragment):
     r = server.infer(IMAGE, {"client_id": "bad-prompts", **params})

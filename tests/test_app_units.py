@@ -199,6 +199,36 @@ def test_dicom_series_of_another_modality_or_with_malformed_positions_are_refuse
         read_image(str(_sample_series_copy(tmp_path / "bad", ImageOrientationPatient=[1, 0, 0, 0, 1])))
 
 
+def _nrrd_header(size, data_file: str | None = None) -> bytes:
+    lines = ["NRRD0004", "type: int16", "dimension: 3", f"sizes: {' '.join(map(str, size))}",
+             "space: left-posterior-superior", "space directions: (1,0,0) (0,1,0) (0,0,1)",
+             "space origin: (0,0,0)", "endian: little", "encoding: raw"]
+    if data_file is not None:
+        lines.append(f"data file: {data_file}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def test_huge_images_and_headers_naming_data_elsewhere_are_refused_before_reading(tmp_path):
+    # 92 bytes that declare 8 GiB of voxels: refused from the header, nothing allocated.
+    bomb = tmp_path / "bomb.nrrd"
+    bomb.write_bytes(_nrrd_header((2048, 2048, 1024)))
+    with pytest.raises(ImageReadError, match=r"'bomb.nrrd' is 2048 x 2048 x 1024 = 4,294,967,296 voxels, more than "
+                                             r"the 536,870,912 this server opens"):
+        read_image(str(bomb))
+    # A header whose data is some other file of the server (any file it can read would become an image).
+    for target in ("/dev/zero", "../secret.raw", "LIST"):
+        detached = tmp_path / "detached.nhdr"
+        detached.write_bytes(_nrrd_header((64, 64, 8), target))
+        with pytest.raises(ImageReadError, match="names a data file outside its folder"):
+            read_image(str(detached))
+    # Data beside its header is read.
+    volume = np.random.default_rng(0).integers(-1000, 400, (8, 64, 64)).astype("<i2")
+    (tmp_path / "beside.raw").write_bytes(volume.tobytes())
+    beside = tmp_path / "beside.nhdr"
+    beside.write_bytes(_nrrd_header((64, 64, 8), "beside.raw"))
+    np.testing.assert_array_equal(read_image(str(beside))[0], volume)
+
+
 def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7)) -> np.ndarray:
     """A multi-frame (enhanced) CT file, one frame per position (LPS, mm), frame n holding -1000 + n HU; returns
     the frames as stored."""
@@ -465,7 +495,8 @@ def test_model_service_reports_an_unreadable_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"not a checkpoint")
     status = ModelService(AppOptions(model_path=path, trained_model_path=tmp_path / "tuned.pt", device="cpu")).status()
-    assert not status.trained and "Loading it failed" in status.warning
+    assert not status.trained and "Loading it failed: model.pt is not" in status.warning
+    assert str(tmp_path) not in status.warning
 
 
 # -- interaction ------------------------------------------------------------------------------------------------------

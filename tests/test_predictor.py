@@ -128,6 +128,7 @@ def test_box_depth_extent_and_flipped_corners(shipped_ct):
     (lambda o: o.add_box(50, (10, 10), (10, 40)), "no area"),
     (lambda o: o.add_box(50, (500, 500), (600, 700)), "outside the slice"),
     (lambda o: o.add_box(500, (10, 10), (20, 20)), "outside the volume"),
+    (lambda o: o.interact(points=[((50, 50, 50), True)] * 129), "at most 128 points"),
 ])
 def test_bad_prompts_get_clear_errors_and_lose_nothing(ct, call, message):
     obj = InteractiveObject(ct)

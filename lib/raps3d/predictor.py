@@ -33,6 +33,9 @@ FEATURE_CACHE_SIZE = 2
 UNDO_STEPS = 32
 # A point's zoom-in region is tightened once when its mask fills less than this fraction of it (by box volume).
 TIGHTEN_RATIO = 0.35
+# Points one object may hold. Far more than an annotator clicks; the decoder's attention grows with the square of the
+# prompt count (thousands of points would take gigabytes).
+MAX_POINTS = 128
 
 
 def check_volume(volume, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +196,8 @@ class InteractiveObject:
             old = self._state
             if new_box is not None and old.prompts.box is not None:
                 raise PromptError("this object already has a box; reset it or start a new object for another box")
+            if len(old.prompts.points) + len(new_points) > MAX_POINTS:
+                raise PromptError(f"an object takes at most {MAX_POINTS} points; start a new object or undo")
             prompts = Prompts(old.prompts.points + new_points, new_box or old.prompts.box)
             if old.logits is None or new_box is not None:
                 if new_box is None and not any(pos for _, pos in prompts.points):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ from .dicom_series import SeriesError, check_series, functional_group_rescale, s
 class ImageReadError(ValueError):
     """The file cannot be read as a single-channel 3D CT image (corrupt, not an image, 2D, RGB, not CT, ...)."""
 
+
+# Largest image opened: 512 x 512 x 2048 voxels (a 1 GiB int16 volume). A file's header says how large it is; without
+# a limit, a small upload declaring a huge size would make the server allocate gigabytes.
+MAX_VOXELS = 512 * 512 * 2048
+# Header keys that name a separate data file (NRRD, MetaImage): such a header could read any file of the server.
+_DETACHED_DATA = re.compile(rb"^\s*(data ?file|ElementDataFile)\s*[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 # Every CT of the body holds air or lung (-1000 to -700 HU) somewhere; an image whose lowest value is above this is
 # not in Hounsfield units (MR, PET, a normalised or shifted CT), and the model's intensity window would misread it.
@@ -106,10 +113,34 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
         raise ImageReadError(f"the image is {dimension}D (size {list(size)}); Raps-3D segments 3D CT volumes")
 
 
+def _check_size_and_data_file(path: str) -> None:
+    """Refuses, before any voxel is read, an image larger than MAX_VOXELS and a header whose data file lies
+    elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``)."""
+    if os.path.isdir(path):
+        return  # a DICOM series: as large as its files
+    if path.lower().endswith((".nrrd", ".nhdr", ".mhd", ".mha")):
+        with open(path, "rb") as f:
+            head = f.read(65536).split(b"\n\n", 1)[0]
+        for match in _DETACHED_DATA.finditer(head):
+            target = match.group(2).decode(errors="replace")
+            listed = target.upper().startswith("LIST")  # file names follow the header: not checked, refused
+            if listed or (target.upper() != "LOCAL" and (os.path.isabs(target)
+                                                         or ".." in target.replace("\\", "/").split("/"))):
+                raise ImageReadError(f"{os.path.basename(path)!r} names a data file outside its folder "
+                                     f"({target[:80]!r}); send the image with its data")
+    size = read_geometry(path).size
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise ImageReadError(f"{os.path.basename(path)!r} is {' x '.join(map(str, size))} = {voxels:,} voxels, more "
+                             f"than the {MAX_VOXELS:,} this server opens (512 x 512 x 2048)")
+
+
 def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     """Voxels (z, y, x) in the file's own data type, and the image geometry. An image from a DICOM series that would
     be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
-    functional groups hold is applied."""
+    functional groups hold is applied. Images larger than MAX_VOXELS, and headers naming a data file elsewhere, are
+    refused before their voxels are read."""
+    _check_size_and_data_file(path)
     folder = source_series_folder(path)
     rescale = series_uid = None
     if folder is not None:

@@ -108,7 +108,8 @@ class ModelService:
             if self._engine is not None:
                 logger.error(f"Raps-3D: cannot load the changed checkpoint ({e}); keeping the model in use")
                 return None
-            return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {e}")
+            reason = str(e).replace(str(path), os.path.basename(str(path)))  # clients see it: no server folders
+            return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {reason}")
         logger.info(f"Raps-3D: loaded checkpoint {path} ({model.config.name}); {checkpoint_summary(meta)}")
         return model, ModelStatus(str(path), True, sig, model.config.name)
 

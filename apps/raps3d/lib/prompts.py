@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import raps3d
+from raps3d.predictor import MAX_POINTS
 
 
 class PromptFormatError(ValueError):
@@ -155,5 +156,8 @@ def _box(params: dict, size_ijk) -> BoxPrompt | None:
 
 def parse_prompts(params: dict, size_ijk) -> PromptSet:
     """The prompts of a request, for an image of ``size_ijk`` voxels."""
+    count = sum(len(params[k]) for k in ("foreground", "background") if isinstance(params.get(k), (list, tuple)))
+    if count > MAX_POINTS:
+        raise PromptFormatError(f"at most {MAX_POINTS} points per object, got {count}")
     points = _points(params, "foreground", True, size_ijk) + _points(params, "background", False, size_ijk)
     return PromptSet(tuple(points), _box(params, size_ijk))
