@@ -190,7 +190,9 @@ def running_server(work: Path, studies: Path | str, model_path: Path, extra_env:
         "MONAI_LABEL_SESSION_PATH": str(work / "sessions"),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": TORCH_THREADS,
+        "TMPDIR": str(work / "tmp"),  # what the server leaves in its temporary folder can be checked
     })
+    (work / "tmp").mkdir(exist_ok=True)
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port),
