@@ -46,5 +46,5 @@ class Engine:
         with self._lock, torch.inference_mode(), self._autocast():
             logits, iou = self.model.decode(features, coords, lab, mask, multimask)
         best = int(iou[0].argmax())
-        # A copy: a view would keep every candidate mask of the batch alive in the object's undo history.
+        # A copy: a view would keep all four masks the decoder computes alive in the object's undo history.
         return logits[0, best].to("cpu", torch.float32, copy=True), float(iou[0, best])
