@@ -8,9 +8,11 @@ Without a checkpoint the service runs an untrained 'lite' model, so the app stil
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,14 @@ def checkpoint_summary(meta: dict) -> str:
     return "; ".join(parts)
 
 
+def _release_free_memory() -> None:
+    """Asks glibc to return freed memory to the system (elsewhere: nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,6 +86,7 @@ class ModelService:
         self._status: ModelStatus | None = None
         self._engine: raps3d.Engine | None = None
         self._store: raps3d.SessionStore | None = None
+        self._sweeper: threading.Thread | None = None
 
     def expected_status(self) -> ModelStatus:
         """What the service runs, or would run if it loaded now. Only looks at the file: cheap enough for /info."""
@@ -134,7 +145,25 @@ class ModelService:
             self._engine = engine
             self._store = raps3d.SessionStore(engine, self.options.max_images, self.options.max_objects,
                                               self.options.idle_seconds)
+            self._start_sweeper()
             self._status = status
+
+    def _start_sweeper(self) -> None:
+        """A daemon thread that expires idle sessions while no request comes, and hands the freed memory back to
+        the system (the C allocator keeps it otherwise)."""
+        if self._sweeper is not None:
+            return
+        interval = min(60.0, self.options.idle_seconds / 4)
+
+        def sweep():
+            while True:
+                time.sleep(interval)
+                store = self._store
+                if store is not None and store.expire():
+                    _release_free_memory()
+
+        self._sweeper = threading.Thread(target=sweep, name="raps3d-session-sweeper", daemon=True)
+        self._sweeper.start()
 
     def status(self) -> ModelStatus:
         self._ensure()
