@@ -126,7 +126,7 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
 def _converted(folder: str, is_seg: bool = False):
     """MONAI Label's conversion of a DICOM folder to a temporary NIfTI (readable by this account only), removed on
     leaving, whatever happened meanwhile: it is a copy of the patient's images."""
-    path = dicom_to_nifti(folder, is_seg=is_seg) if is_seg else dicom_to_nifti(folder)
+    path = dicom_to_nifti(folder, is_seg=is_seg)
     try:
         if path:
             os.chmod(path, 0o600)
