@@ -51,8 +51,8 @@ class SessionStore:
                 with self._lock:
                     state = self._images.get(image_key)
                 if state is None:
-                    with self._lock:  # make room first: the new volume would otherwise join max_images others
-                        self._evict(room_for=1)
+                    # Room is made after a successful load (while it loads, max_images + 1 volumes are in memory):
+                    # an image that fails to load must not push out another user's.
                     volume, spacing = loader()
                     state = ImageState(self.engine, volume, spacing)
                     with self._lock:
@@ -104,11 +104,11 @@ class SessionStore:
 
     def expire(self) -> int:
         """Drops the images and objects idle for longer than ``idle_seconds`` (every access does this too; a server
-        that nobody uses calls it to give the memory back). Returns how many images were dropped."""
+        that nobody uses calls it to give the memory back). Returns how many images and objects were dropped."""
         with self._lock:
-            before = len(self._images)
+            before = len(self._images) + len(self._objects)
             self._expire()
-            return before - len(self._images)
+            return before - len(self._images) - len(self._objects)
 
     def stats(self) -> dict:
         with self._lock:
@@ -116,10 +116,10 @@ class SessionStore:
                     "image_bytes": sum(s.nbytes for s in self._images.values())}
 
     # -- bounds (called with the lock held) ------------------------------------------------------------------------
-    def _evict(self, room_for: int = 0) -> None:
+    def _evict(self) -> None:
         while len(self._objects) > self.max_objects:
             self._objects.popitem(last=False)
-        while self._images and len(self._images) + room_for > self.max_images:
+        while len(self._images) > self.max_images:
             key, state = self._images.popitem(last=False)
             self._drop_objects_of(state)
 
