@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -77,14 +76,9 @@ class Raps3DApp(MONAILabelApp):
         request["image_id"] = request.get("image")
         store = datastore or self.datastore()
         image = request.get("image")
-        sent = {key: request.get(key) for key in ("image", "label")}  # before image ids become datastore paths
-        try:
-            if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
-                dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
-            return super().infer(request, datastore)
-        except BaseException:
-            remove_uploads(sent)
-            raise
+        if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
+            dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
+        return super().infer(request, datastore)
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -96,14 +90,3 @@ class Raps3DApp(MONAILabelApp):
             self.task.service.warm_up()  # server start only: the first click should not pay for loading
         except Exception:
             logger.exception("Raps-3D: warm-up failed; the model loads on the first request instead")
-
-
-def remove_uploads(sent: dict) -> None:
-    """Removes the files uploaded with a request (``sent``: its image and label as MONAI Label passed them). MONAI
-    Label writes an upload to the temporary folder and removes it after a successful reply only; a refused one (a 4xx
-    answer) would stay there, readable by all."""
-    temporary = os.path.realpath(tempfile.gettempdir())
-    for path in sent.values():
-        if (isinstance(path, str) and os.path.isabs(path) and os.path.basename(path).startswith("tmp")
-                and os.path.dirname(os.path.realpath(path)) == temporary and os.path.isfile(path)):
-            os.remove(path)
