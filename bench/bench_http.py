@@ -101,6 +101,8 @@ def start_server(studies: Path, work: Path, model: str, threads: int) -> tuple[s
     env.update({"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(work / "sessions")})
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
            str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "model_path", model,
+           # a site's fine-tuned model, if the app has one, would be served instead of the one measured
+           "--conf", "trained_model_path", str(work / "no_fine_tuned_model.pt"),
            "--conf", "torch_threads", str(threads), "--conf", "result_dir", str(work)]
     log = open(work / "server.log", "wb")
     process = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
