@@ -4,6 +4,7 @@ the interaction logic and the automatic click."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -221,6 +222,14 @@ def test_huge_images_and_headers_naming_data_elsewhere_are_refused_before_readin
         detached.write_bytes(_nrrd_header((64, 64, 8), target))
         with pytest.raises(ImageReadError, match="names a data file outside its folder"):
             read_image(str(detached))
+    # Comments that push the data file beyond what is scanned are no way round; nor is a label instead of an image.
+    padded = tmp_path / "padded.nhdr"
+    header = _nrrd_header((64, 64, 8), "../secret.raw")
+    padded.write_bytes(header.replace(b"endian", b"# padding\n" * 120_000 + b"endian"))
+    with pytest.raises(ImageReadError, match="has a header longer than 1024 KiB"):
+        read_image(str(padded))
+    with pytest.raises(ImageReadError, match="'bomb.nrrd' is 2048 x 2048 x 1024"):
+        read_label_on_grid(str(bomb), Geometry((64, 64, 8), (1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1)))
     # Data beside its header is read.
     volume = np.random.default_rng(0).integers(-1000, 400, (8, 64, 64)).astype("<i2")
     (tmp_path / "beside.raw").write_bytes(volume.tobytes())
@@ -288,6 +297,15 @@ def test_the_frames_of_a_multi_frame_ct_get_the_series_checks(tmp_path):
     tilted = [(-5.0, 7.0 + 2.0 * n * np.tan(np.radians(20)), 50.0 + 2.0 * n) for n in range(6)]
     with pytest.raises(ImageReadError, match=r"gantry-tilted \(slices sheared by 20.0 degrees"):
         read_image(folder_with("tilted", tilted))
+    shuffled = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in (0, 3, 1, 4, 2, 5)]  # evenly spaced once sorted
+    with pytest.raises(ImageReadError, match="frames of the multi-frame DICOM file are not stored in slice order"):
+        read_image(folder_with("shuffled", shuffled))
+    # Beside two slices of another series, the 6-frame file is still the volume read (frames count, not files).
+    beside = Path(folder_with("beside", [(-5.0, 7.0, 50.0 + 2.0 * n) for n in range(6)]))
+    sample = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    for path in sorted(sample.glob("*.dcm"))[:2]:
+        shutil.copy(path, beside)
+    assert read_image(str(beside))[0].shape == (6, 10, 12)
 
 
 def test_of_two_equally_large_series_in_a_folder_the_one_checked_is_the_one_read(tmp_path):
@@ -324,8 +342,6 @@ def test_of_two_equally_large_series_in_a_folder_the_one_checked_is_the_one_read
 
 
 def test_an_enhanced_ct_file_gets_the_rescale_its_functional_groups_hold(tmp_path):
-    import shutil
-
     from conftest import DATA_ROOT
 
     source = DATA_ROOT / "dicom" / "transfer_syntaxes" / "CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"
@@ -425,8 +441,6 @@ def test_a_full_or_read_only_cache_is_not_blamed_on_the_series(error, status, de
 
 # -- active learning --------------------------------------------------------------------------------------------------
 def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unreadable_one(tmp_path, monkeypatch):
-    import shutil
-
     from monailabel.datastore.local import LocalDatastore
 
     from lib.scoring.uncertainty import DETAILS_KEY, SCORE_KEY, Raps3DUncertainty

@@ -95,6 +95,9 @@ def test_the_proxy_forwards_dicomweb_paths_only(dicomweb_server, orthanc):
                          ("GET", "..%2Fsystem"), ("GET", "qido/studies%3Flimit=1")):
         r = requests.request(method, f"{url}/{path}", timeout=30)
         assert r.status_code == 400 and r.json()["detail"] == "not a DICOMweb resource path", (method, path, r.text)
+    # OHIF's rejection note is a coded value with a caret: forwarded (this server has no such service: 404).
+    r = requests.post(f"{url}/qido/studies/{phantom.study_uid}/reject/113001%5EDCM", timeout=30)
+    assert r.status_code == 404, r.text
 
 
 # -- decoding and geometry ------------------------------------------------------------------------------------------
@@ -406,27 +409,37 @@ def test_scoring_fetches_only_series_already_in_the_cache_unless_asked(orthanc, 
     assert set(summary["scored"]) | set(summary["failed"]) == listed - {missing}
 
 
-def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_no_copy_behind(orthanc, tmp_path,
-                                                                                              monkeypatch):
-    """MONAI Label answers a first fetch with a temporary conversion; read there, the series checks (next to the
-    DICOM folder) were skipped, and a copy of the patient's images stayed in the temporary folder (also when the
-    request failed after the conversion)."""
+def _datastore(orthanc, tmp_path, monkeypatch, cache: str = "cache"):
+    """The app's DICOMweb datastore on the test server, in-process, with its own temporary folder (returned too)."""
     import sys
     import tempfile
 
     if str(APP_DIR) not in sys.path:
         sys.path.insert(0, str(APP_DIR))
     from dicomweb_client.session_utils import create_session_from_user_pass
-    from fastapi import HTTPException
     from lib import dicomweb
-    from lib.images import ImageReadError, read_image
 
     scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # restored after the test
+    dicomweb.expose_dcmqi_tools()  # the DICOM SEG writer, as the server finds it
     client = dicomweb.StoredSyntaxClient(url=orthanc.dicomweb, session=create_session_from_user_pass(*orthanc.auth))
     store = dicomweb.Raps3DDICOMWebDatastore(client=client, search_filter={"Modality": "CT"},
-                                             cache_path=str(tmp_path / "cache"))
+                                             cache_path=str(tmp_path / cache))
+    return store, scratch
+
+
+def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_no_copy_behind(orthanc, tmp_path,
+                                                                                              monkeypatch):
+    """MONAI Label answers a first fetch with a temporary conversion; read there, the series checks (next to the
+    DICOM folder) were skipped, and a copy of the patient's images stayed in the temporary folder (also when the
+    request failed after the conversion)."""
+    from fastapi import HTTPException
+
+    store, scratch = _datastore(orthanc, tmp_path, monkeypatch)  # puts the app on the import path
+    from lib.images import ImageReadError, read_image
+
     missing = orthanc.series["phantom_missing_slice"].series_uid
     path = store.get_image_uri(missing)
     assert path == os.path.realpath(os.path.join(store._datastore.image_path(), missing + ".nii.gz"))
@@ -455,3 +468,28 @@ def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_n
             store.get_image_uri(image_id)
         assert refused.value.status_code == 404 and "is not a DICOM series UID" in refused.value.detail
     assert victim.is_dir()
+
+
+def test_a_final_label_read_back_from_the_server_is_converted_once(orthanc, tmp_path, monkeypatch):
+    store, scratch = _datastore(orthanc, tmp_path, monkeypatch)
+    from lib.images import read_image, read_label_on_grid
+
+    phantom = orthanc.series["phantom"]
+    _, geometry = read_image(store.get_image_uri(phantom.series_uid))
+    reference = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "phantom_01_seg.nii.gz"))
+    liver = (sitk.GetArrayFromImage(reference) == 1).astype(np.uint8)
+    sitk.WriteImage(_like(liver, reference), str(tmp_path / "label.nii.gz"))
+    before = set(orthanc.find("Series", {"Modality": "SEG"}))
+    store.save_label(phantom.series_uid, str(tmp_path / "label.nii.gz"), "final", {"label_info": [{"name": "liver"}]})
+    _, seg = _seg_of(orthanc, phantom.study_uid, before)
+
+    # Read back as training reads it, by a server that did not write it: fetched, converted to a label map, kept;
+    # the second time, the kept file.
+    store, scratch = _datastore(orthanc, tmp_path, monkeypatch, cache="another_server")
+    store.get_image_uri(phantom.series_uid)  # as the datastore's list of labelled images does first
+    path = store.get_label_uri(str(seg.SeriesInstanceUID), "final", phantom.series_uid)
+    assert os.path.isfile(path)
+    np.testing.assert_array_equal(read_label_on_grid(path, geometry), liver)
+    converted_at = os.stat(path).st_mtime_ns
+    assert store.get_label_uri(str(seg.SeriesInstanceUID), "final", phantom.series_uid) == path
+    assert os.stat(path).st_mtime_ns == converted_at and os.listdir(scratch) == []

@@ -70,12 +70,17 @@ def _read_headers(folder: str, tags: list[str] = _TAGS) -> list:
 
 
 def series_headers(folder: str) -> list:
-    """The headers of the series in ``folder`` that is read as its volume: the one with the most files, of equally
-    large ones the first by UID (``images`` reads that same series, so what is checked is what is segmented)."""
+    """The headers of the series in ``folder`` that is read as its volume: the one with the most slices (frames of a
+    multi-frame file count), of equally large ones the first by UID (``images`` reads that same series, so what is
+    checked is what is segmented)."""
     by_series = defaultdict(list)
     for header in _read_headers(folder):
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
-    return max(sorted(by_series.items()), key=lambda item: len(item[1]))[1] if by_series else []
+
+    def slices(item) -> int:
+        return sum(int(h.get("NumberOfFrames", 1) or 1) for h in item[1])
+
+    return max(sorted(by_series.items()), key=slices)[1] if by_series else []
 
 
 def check_series(headers: list) -> None:
@@ -128,16 +133,15 @@ def _group_value(groups: list, sequence: str, keyword: str):
     return None
 
 
-def _planes(headers: list) -> list[tuple]:
-    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of every slice: one per single-frame file, one
-    per frame of a multi-frame file (from its per-frame functional groups, else its shared ones). Slices without
-    position or orientation are left out."""
-    planes = []
-    for h in headers:
-        if int(h.get("NumberOfFrames", 1) or 1) == 1:
-            planes.append((h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing")))
-            continue
+def _file_planes(h) -> list[tuple]:
+    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of each slice of one file, in stored order: one
+    for a single-frame file, one per frame of a multi-frame file (from its per-frame functional groups, else its
+    shared ones). Slices without position or orientation are left out."""
+    if int(h.get("NumberOfFrames", 1) or 1) == 1:
+        planes = [(h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing"))]
+    else:
         shared = list(h.get("SharedFunctionalGroupsSequence") or [None])[:1]
+        planes = []
         for frame in h.get("PerFrameFunctionalGroupsSequence") or []:
             groups = [frame] + shared
             planes.append((_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
@@ -145,6 +149,10 @@ def _planes(headers: list) -> list[tuple]:
                            _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"),
                            _group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or h.get("PixelSpacing")))
     return [p for p in planes if p[0] is not None and p[1] is not None]
+
+
+def _planes(headers: list) -> list[tuple]:
+    return [plane for h in headers for plane in _file_planes(h)]
 
 
 def _check_stack(headers: list) -> None:
@@ -162,6 +170,14 @@ def _check_stack(headers: list) -> None:
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
+
+    # ITK stacks the frames of a multi-frame file as they are stored (it sorts only files): they must go one way.
+    for h in headers:
+        frames = _file_planes(h) if int(h.get("NumberOfFrames", 1) or 1) > 1 else []
+        stored = np.diff([np.array([float(v) for v in position]) @ normal for _, position, _ in frames])
+        if len(stored) and not ((stored > 0).all() or (stored < 0).all()):
+            raise SeriesError("the frames of the multi-frame DICOM file are not stored in slice order: stacked as "
+                              "stored, its anatomy would be scrambled. Convert it to a series of slices first")
 
     positions = np.array([[float(v) for v in position] for _, position, _ in slices])
     depth = positions @ normal

@@ -39,17 +39,21 @@ from monailabel.datastore.utils.convert import dicom_to_nifti
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from .images import ImageReadError, check_size_and_data_file
+
 logger = logging.getLogger(__name__)
 
 SEG_TOOL = "itkimage2segimage"
 # Failures of this server's own storage: 507 (Insufficient Storage) when full, 500 when the cache cannot be written.
 STORAGE_ERRORS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 500, errno.EPERM: 500, errno.EROFS: 500}
 AS_STORED = (("application/dicom", "*"),)  # any transfer syntax: the one the server stores
-DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# A series UID as archives hold them: digits and dots by the standard; letters, '_' and '-' are let through for the
+# archives that break it. What matters here is that it names one folder of the cache.
+DICOM_UID = re.compile(r"[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*")
 
 
 def check_uid(uid) -> None:
-    """HTTPException 404 unless ``uid`` is a DICOM UID (digits and dots, at most 64 characters)."""
+    """HTTPException 404 unless ``uid`` can be a series UID (no path: no '/', no '..'; at most 64 characters)."""
     if not isinstance(uid, str) or len(uid) > 64 or not DICOM_UID.fullmatch(uid):
         raise HTTPException(status_code=404, detail=f"{str(uid)[:80]!r} is not a DICOM series UID")
 
@@ -105,13 +109,14 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
             dicom_web_download_series(None, label_id, label_dir, self._client, self._fetch_by_frame)
         if not self._convert_to_nifti:
             return label_dir
-        cached = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
-        if not os.path.exists(cached):
-            with _converted(label_dir, is_seg=True) as converted:
-                if not converted:
-                    return ""  # not a segmentation MONAI Label can convert
-                LocalDatastore.save_label(self, image_id, converted, label_tag, self._dicom_info(label_id))
-        return cached
+        saved = LocalDatastore.get_label_uri(self, image_id, label_tag)  # converted by an earlier call
+        if saved and os.path.isfile(saved):
+            return saved
+        with _converted(label_dir, is_seg=True) as converted:
+            if not converted:
+                return ""  # not a segmentation MONAI Label can convert
+            LocalDatastore.save_label(self, image_id, converted, label_tag, self._dicom_info(label_id))
+        return LocalDatastore.get_label_uri(self, image_id, label_tag)
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         check_uid(image_id)
@@ -158,6 +163,10 @@ def _is_empty(label_file: str) -> bool:
 
     if label_file.endswith(".bin"):
         return not np.fromfile(label_file, dtype=np.uint8).any()
+    try:
+        check_size_and_data_file(label_file)
+    except ImageReadError as e:
+        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
     try:
         stats = sitk.StatisticsImageFilter()
         stats.Execute(sitk.Cast(sitk.ReadImage(label_file), sitk.sitkFloat32))

@@ -27,6 +27,8 @@ class ImageReadError(ValueError):
 # a limit, a small upload declaring a huge size would make the server allocate gigabytes.
 MAX_VOXELS = 512 * 512 * 2048
 # Header keys that name a separate data file (NRRD, MetaImage): such a header could read any file of the server.
+# Headers are read up to their end, which must come within HEADER_LIMIT bytes.
+HEADER_LIMIT = 1 << 20
 _DETACHED_DATA = re.compile(rb"^\s*(data ?file|ElementDataFile)\s*[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 # Every CT of the body holds air or lung (-1000 to -700 HU) somewhere; an image whose lowest value is above this is
@@ -89,8 +91,8 @@ def _read_sitk(path: str, header_only: bool = False, series_uid: str | None = No
         if not series:
             raise ImageReadError(f"the folder {os.path.basename(path)!r} holds no DICOM series")
         if series_uid not in series:
-            # Several series in one folder: the one with the most slices, of equally large ones the first by UID
-            # (as ``series_headers`` chooses, whose checks the caller ran on ``series_uid``).
+            # Callers pass the series whose headers they checked (``series_headers``); without one: the series
+            # with the most files, of equally large ones the first by UID.
             series_uid = max(sorted(series), key=lambda s: len(reader.GetGDCMSeriesFileNames(path, s)))
         files = reader.GetGDCMSeriesFileNames(path, series_uid)
         if len(files) == 1:  # one multi-frame file: read as a volume (the series reader would add a 4th axis)
@@ -113,14 +115,20 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
         raise ImageReadError(f"the image is {dimension}D (size {list(size)}); Raps-3D segments 3D CT volumes")
 
 
-def _check_size_and_data_file(path: str) -> None:
+def check_size_and_data_file(path: str) -> None:
     """Refuses, before any voxel is read, an image larger than MAX_VOXELS and a header whose data file lies
     elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``)."""
     if os.path.isdir(path):
         return  # a DICOM series: as large as its files
     if path.lower().endswith((".nrrd", ".nhdr", ".mhd", ".mha")):
         with open(path, "rb") as f:
-            head = f.read(65536).split(b"\n\n", 1)[0]
+            head = f.read(HEADER_LIMIT + 1)
+        nrrd = path.lower().endswith((".nrrd", ".nhdr"))
+        ended = b"\n\n" in head if nrrd else b"ElementDataFile" in head  # NRRD: a blank line; MetaImage: its last key
+        if not ended and len(head) > HEADER_LIMIT:
+            raise ImageReadError(f"{os.path.basename(path)!r} has a header longer than {HEADER_LIMIT // 1024} KiB")
+        if nrrd:
+            head = head.split(b"\n\n", 1)[0]
         for match in _DETACHED_DATA.finditer(head):
             target = match.group(2).decode(errors="replace")
             listed = target.upper().startswith("LIST")  # file names follow the header: not checked, refused
@@ -140,7 +148,7 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
     functional groups hold is applied. Images larger than MAX_VOXELS, and headers naming a data file elsewhere, are
     refused before their voxels are read."""
-    _check_size_and_data_file(path)
+    check_size_and_data_file(path)
     folder = source_series_folder(path)
     rescale = series_uid = None
     if folder is not None:
@@ -189,7 +197,9 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
 
 def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
     """A label map (z, y, x) on the voxel grid of the image with ``geometry``: resampled (nearest neighbour, 0
-    outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices)."""
+    outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices).
+    Refused like an image when larger than MAX_VOXELS or naming a data file elsewhere."""
+    check_size_and_data_file(path)
     try:
         label = sitk.ReadImage(path)
     except RuntimeError as e:

@@ -77,8 +77,9 @@ def proxy_target(op: str, path: str) -> str:
     return f"{server}/{prefix.strip('/')}/{path}" if prefix else f"{server}/{path}"
 
 
-# A DICOMweb resource path: segments of UIDs, keywords, frame lists and bulk data ids, none of them "." or "..".
-DICOMWEB_SEGMENT = re.compile(r"[A-Za-z0-9_,=.-]+")
+# A DICOMweb resource path: segments of UIDs, keywords, frame lists, bulk data ids and coded values (OHIF's reject
+# note: 113001^DCM), none of them "." or "..".
+DICOMWEB_SEGMENT = re.compile(r"[A-Za-z0-9_,=.^-]+")
 
 
 def check_proxy_path(path: str) -> None:
