@@ -23,7 +23,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import dicomweb, ohif
+from lib import dicomweb, infer_route, ohif
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
 from lib.trainers.raps3d import Raps3DTrain
@@ -86,6 +86,10 @@ class Raps3DApp(MONAILabelApp):
             ohif.install_routes()  # OHIF's nested files, and its DICOMweb proxy requests with their Accept header
         except Exception:
             logger.exception("Raps-3D: could not install the OHIF routes; left to MONAI Label")
+        try:
+            infer_route.install()  # one user's long request no longer holds up everyone else's
+        except Exception:
+            logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
         try:
             self.task.service.warm_up()  # server start only: the first click should not pay for loading
         except Exception:

@@ -1,0 +1,49 @@
+"""MONAI Label's infer route, run in a worker thread instead of on the server's event loop.
+
+MONAI Label 0.8.5 declares ``POST /infer/{model}`` as a coroutine that runs the whole request inline: while one
+image is opened, segmented and its label written, the event loop serves nothing else, so another annotator's edit,
+``/info`` and OHIF's proxied image requests all wait behind it. The same endpoint declared as a plain function is run
+by FastAPI in its thread pool. The app's sessions are thread safe and the model's forward passes take turns (the
+engine's lock), so a short request now waits at most for a forward pass, not for another user's whole request.
+The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles.
+"""
+
+import logging
+from typing import Optional
+
+from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.infer import ResultType, run_inference
+from monailabel.endpoints.user.auth import RBAC, User
+
+logger = logging.getLogger(__name__)
+
+ROUTE_NAME = "raps3d_infer_threaded"
+
+
+def raps3d_infer(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+
+def install(fastapi_app=None) -> bool:
+    """Puts the threaded infer route before MONAI Label's; False when it is there already."""
+    if fastapi_app is None:
+        from monailabel.app import app as fastapi_app
+    if any(getattr(r, "name", "") == ROUTE_NAME for r in fastapi_app.router.routes):
+        return False
+    route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", raps3d_infer, methods=["POST"],
+                     name=ROUTE_NAME, summary="Run Inference for supported model (in a worker thread)")
+    fastapi_app.router.routes.insert(0, route)
+    logger.info("Raps-3D: infer requests run in worker threads")
+    return True
