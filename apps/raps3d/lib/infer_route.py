@@ -4,7 +4,7 @@ MONAI Label 0.8.5 declares ``POST /infer/{model}`` as a coroutine that runs the 
 image is opened, segmented and its label written, the event loop serves nothing else, so another annotator's edit,
 ``/info`` and OHIF's proxied image requests all wait behind it. The same endpoint declared as a plain function is run
 by FastAPI in its thread pool. The app's sessions are thread safe and the model's forward passes take turns (the
-engine's lock), so a short request now waits at most for a forward pass, not for another user's whole request.
+engine's lock), so other requests are served while one runs.
 The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles.
 """
 
