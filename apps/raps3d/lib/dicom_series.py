@@ -151,13 +151,10 @@ def _file_planes(h) -> list[tuple]:
     return [p for p in planes if p[0] is not None and p[1] is not None]
 
 
-def _planes(headers: list) -> list[tuple]:
-    return [plane for h in headers for plane in _file_planes(h)]
-
-
 def _check_stack(headers: list) -> None:
     # Frames of a multi-frame file are checked like the files of a series: ITK stacks them the same way.
-    slices = _planes(headers)
+    per_file = [_file_planes(h) for h in headers]
+    slices = [plane for planes in per_file for plane in planes]
     if len(slices) < 2:
         return
 
@@ -172,8 +169,7 @@ def _check_stack(headers: list) -> None:
     normal /= np.linalg.norm(normal)
 
     # ITK stacks the frames of a multi-frame file as they are stored (it sorts only files): they must go one way.
-    for h in headers:
-        frames = _file_planes(h) if int(h.get("NumberOfFrames", 1) or 1) > 1 else []
+    for frames in per_file:
         stored = np.diff([np.array([float(v) for v in position]) @ normal for _, position, _ in frames])
         if len(stored) and not ((stored > 0).all() or (stored < 0).all()):
             raise SeriesError("the frames of the multi-frame DICOM file are not stored in slice order: stacked as "
