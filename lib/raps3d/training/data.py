@@ -40,13 +40,30 @@ def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:
     return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 
-def split_labels(label: np.ndarray, names: dict[int, str], prefix: str = "") -> dict[str, np.ndarray]:
+def split_labels(label: np.ndarray, names: dict[int, str], prefix: str = "", at_least: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """{name: binary mask} of each named value that is present; with ``at_least``, a mask holds every voxel of that
+    value or above."""
     out = {}
     for value, name in names.items():
         mask = label == value
+        if at_least and mask.any():
+            mask = label >= value
         if mask.sum() >= MIN_STRUCTURE_VOXELS:
             out[prefix + name] = mask
     return out
+
+
+def split_dose_levels(label: np.ndarray, names: dict[int, str]) -> dict[str, np.ndarray]:
+    """Treatment targets from a label map whose values rise with the prescribed dose (1 PTV56, 2 PTV63, 3 PTV70).
+
+    Such a map keeps one value per voxel, so where targets overlapped only the highest dose is left, and a
+    lower-dose target that enclosed a higher one survives as a thin shell or as dozens of specks. Nested dose
+    levels are the rule (every such fragment touches a higher-dose target, and the union is one object), so each
+    target present is rebuilt as its own voxels plus those of every higher dose; a patient without a dose level
+    still has no target for it.
+    """
+    return split_labels(label, names, at_least=True)
 
 
 def openkbp_cases(split: str, limit: int | None = None) -> list[Case]:
@@ -57,10 +74,10 @@ def openkbp_cases(split: str, limit: int | None = None) -> list[Case]:
     for ct in cts:
         volume, spacing = read_zyx(ct)
         structures = {}
-        for kind in ("oar", "ptv"):
+        for kind, split_map in (("oar", split_labels), ("ptv", split_dose_levels)):
             path = ct.with_name(ct.name.replace("_ct.", f"_{kind}."))
             if path.exists():
-                structures.update(split_labels(read_zyx(path)[0], {int(k): v for k, v in names[kind].items()}))
+                structures.update(split_map(read_zyx(path)[0], {int(k): v for k, v in names[kind].items()}))
         if structures:
             cases.append(Case(ct.name.split("_ct")[0], "openkbp", volume, spacing, structures))
     return cases
