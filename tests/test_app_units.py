@@ -602,3 +602,69 @@ def test_training_options_are_checked_and_typed():
         with pytest.raises(ValueError) as e:
             training_options(request, defaults)
         assert str(e.value) == message
+
+
+def test_the_validation_split_keeps_each_image_on_its_side_as_images_are_added():
+    from raps3d.training.data import Case
+    from lib.trainers.raps3d import split_by_image
+
+    def cases(n):
+        return [Case(f"image_{i:03d}", "datastore", np.zeros((2, 2, 2)), (1, 1, 1)) for i in range(n)]
+
+    seen_in_training = set()
+    for n in range(2, 60):
+        train, val = split_by_image(cases(n), 0.2, seed=0)
+        names_train, names_val = {c.name for c in train}, {c.name for c in val}
+        assert names_train and names_val and not names_train & names_val and len(train) + len(val) == n
+        if n > 20:  # past the smallest sets (where one side is filled from the other), sides are fixed
+            assert not names_val & seen_in_training
+            seen_in_training |= names_train
+    assert 0.1 < len(val) / 59 < 0.3
+    assert {c.name for c in split_by_image(cases(40), 0.2, seed=1)[1]} != \
+        {c.name for c in split_by_image(cases(40), 0.2, seed=0)[1]}
+    one = cases(1)
+    assert split_by_image(one, 0.2, 0) == (one, one)
+    train, val = split_by_image(cases(2), 0.9, 0)  # would be all validation: one image is left to train on
+    assert len(train) == 1 and len(val) == 1
+
+
+def test_training_scores_a_model_at_its_own_mask_threshold_and_stats_stay_json(tmp_path):
+    import json
+
+    from raps3d.training.sampling import Sample
+    from lib.trainers.raps3d import _alive, _write_json, served_dice, training_devices
+
+    target = np.zeros((4, 8, 8), bool)
+    target[1:3, 2:6, 2:6] = True
+    sample = Sample(np.zeros((4, 8, 8), np.float32), target, np.zeros((1, 3), np.float32), np.ones(1, np.int64),
+                    False)
+
+    class ExactMask(torch.nn.Module):  # logit +1 on the target, -1 elsewhere
+        def __init__(self, threshold):
+            super().__init__()
+            self.register_buffer("mask_threshold", torch.tensor(threshold))
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, image):
+            return image
+
+        def decode(self, feats, coords, labels, mask_prompt, multimask):
+            return torch.from_numpy(target)[None, None].float() * 2 - 1, torch.ones(1, 1)
+
+    assert served_dice(ExactMask(0.0), [sample]) == 1.0
+    assert served_dice(ExactMask(1.5), [sample]) == 0.0  # nothing above the served threshold
+    assert served_dice(ExactMask(-2.0), [sample]) == pytest.approx(2 * 32 / (32 + 256))
+
+    assert training_devices("cpu") == ("cpu", 0)
+    if not torch.cuda.is_available():
+        assert training_devices("auto") == ("cpu", 0)
+
+    path = tmp_path / "stats.json"  # served in /info, where NaN is not JSON
+    _write_json(path, {"loss": float("nan"), "val_dice": float("inf"), "steps": [1.0, float("-inf")]})
+    assert json.loads(path.read_text()) == {"loss": None, "val_dice": None, "steps": [1.0, None]}
+
+    import psutil
+
+    me = psutil.Process()
+    assert _alive(os.getpid(), __import__("socket").gethostname(), me.create_time())
+    assert not _alive(os.getpid(), __import__("socket").gethostname(), me.create_time() - 3600)  # a reused pid

@@ -293,3 +293,9 @@ def test_quick_dice_scores_the_mask_the_model_is_most_sure_of():
     assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.5, 0.9])), [sample]) == pytest.approx(2 * 16 / 48)
     # The mean over samples.
     assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.5, 0.9])), [sample, sample]) == pytest.approx(2 / 3)
+    # Logits are -1 outside a mask and +1 inside: a threshold of 1 or more keeps nothing, below -1 everything.
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [sample], threshold=1.0) == 0.0
+    assert quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [sample], threshold=-1.5) == \
+        pytest.approx(2 * 32 / (32 + 256))
+    with pytest.raises(ValueError, match="no validation sample"):
+        quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [])

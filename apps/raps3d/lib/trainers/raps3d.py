@@ -11,8 +11,10 @@ process runs per GPU (torch.distributed, NCCL), gradients averaged; the batch si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -60,7 +62,8 @@ class Raps3DTrain(TrainTask):
             stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             return {}
-        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host")):
+        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host"),
+                                                            stats.get("process_start")):
             # Stopped from the server (it kills the process) or killed otherwise: nothing could record it then.
             self._scratch.unlink(missing_ok=True)
             stats.update(status="STOPPED", message="training stopped before it finished; the served model is "
@@ -99,7 +102,8 @@ class Raps3DTrain(TrainTask):
     def __call__(self, request, datastore: Datastore):
         self.publish_path.parent.mkdir(parents=True, exist_ok=True)
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
-                 "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname()}
+                 "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname(),
+                 "process_start": psutil.Process().create_time()}
         self._write_stats(stats)
         scratch = self._scratch
         try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
@@ -111,11 +115,9 @@ class Raps3DTrain(TrainTask):
             if not cases:
                 raise ValueError(f"no image has a saved '{LABEL_TAG}' label to train on"
                                  + (f" (skipped: {skipped})" if skipped else ""))
-            rng = np.random.default_rng(cfg["seed"])
-            order = rng.permutation(len(cases))
-            n_val = max(1, int(round(len(cases) * cfg["val_split"]))) if len(cases) > 1 else 0
-            val_cases = [cases[i] for i in order[:n_val]] or cases  # one labelled image: validate on it too
-            train_cases = [cases[i] for i in order[n_val:]] or cases
+            train_cases, val_cases = split_by_image(cases, cfg["val_split"], cfg["seed"])
+            if self.options.torch_threads > 0:
+                torch.set_num_threads(self.options.torch_threads)
 
             served = self.options.served_model_path
             if served.exists():
@@ -123,11 +125,10 @@ class Raps3DTrain(TrainTask):
             else:
                 logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
                 model, meta = build_model("lite"), {}
-            gpus = torch.cuda.device_count()
-            device = "cuda" if gpus else "cpu"
+            device, gpus = training_devices(self.options.device)
             model.to(device).eval()
             val_samples = fixed_samples(val_cases, model.config, 16)
-            baseline = quick_dice(model, val_samples)
+            baseline = served_dice(model, val_samples)
             stats.update(baseline_dice=baseline, train_images=[c.name for c in train_cases],
                          val_images=[c.name for c in val_cases], gpus=gpus)
             self._write_stats(stats)
@@ -140,12 +141,14 @@ class Raps3DTrain(TrainTask):
             save_model(model.cpu(), scratch, {**meta, "fine_tune": fine_tune}, half=False)  # the workers' start point
             job = (scratch, train_cases, val_cases, train_cfg, str(self.stats_path), stats)
             if gpus > 1:  # one process per GPU, gradients averaged over NCCL
-                torch.multiprocessing.spawn(_fit, args=(gpus, _free_port(), *job), nprocs=gpus, join=True)
+                torch.multiprocessing.spawn(_fit, args=(gpus, _free_port(), "cuda", *job), nprocs=gpus, join=True)
             else:
-                _fit(0, 1, 0, *job)
+                _fit(0, 1, 0, device, *job)
             model, _ = load_model(scratch)
             model.to(device).eval()
-            candidate = quick_dice(model, val_samples)
+            candidate = served_dice(model, val_samples)
+            if not math.isfinite(candidate) or not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise ValueError("training diverged (weights or validation Dice not finite); try a lower lr")
             published = cfg["publish"] == "always" or (cfg["publish"] == "if_better" and candidate >= baseline)
             if published:
                 save_model(model.cpu(), self.publish_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
@@ -218,12 +221,47 @@ def _image_name(path: str) -> str:
     return name
 
 
-def _alive(pid, host) -> bool:
-    """Whether the training process that wrote the stats still runs (assumed so when it ran on another host)."""
+def split_by_image(cases: list[Case], val_split: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """(training, validation) cases. An image's side depends only on its name and the seed, so that adding labelled
+    images never moves one the served model was trained on into validation. At least one image validates; with a
+    single labelled image, that image both trains and validates."""
+    if len(cases) < 2:
+        return cases, cases
+
+    def rank(case: Case) -> float:
+        return int(hashlib.sha256(f"{seed}:{case.name}".encode()).hexdigest()[:12], 16) / 16**12
+
+    ordered = sorted(cases, key=rank)
+    n_val = sum(rank(c) < val_split for c in ordered)
+    n_val = min(max(n_val, 1), len(cases) - 1)  # a split that leaves one side empty takes from the other
+    return ordered[n_val:], ordered[:n_val]
+
+
+def training_devices(option: str) -> tuple[str, int]:
+    """(device of the main process, number of GPUs to train on) for the app's ``device`` option: ``auto`` uses every
+    GPU there is, ``cuda:N`` that one, ``cpu`` none."""
+    if option == "cpu" or not torch.cuda.is_available():
+        return "cpu", 0
+    if option.startswith("cuda:"):
+        return option, 1
+    return "cuda", torch.cuda.device_count()
+
+
+def served_dice(model, samples) -> float:
+    """Validation Dice at the model's own mask threshold: what users of the served model get."""
+    return quick_dice(model, samples, float(model.mask_threshold))
+
+
+def _alive(pid, host, process_start=None) -> bool:
+    """Whether the training process that wrote the stats still runs (assumed so when it ran on another host). A
+    process id that was reused by another process since does not count."""
     if not isinstance(pid, int) or host != socket.gethostname():
         return True
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)
+        if isinstance(process_start, (int, float)) and abs(process.create_time() - process_start) > 1.0:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
@@ -234,7 +272,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fit(rank: int, world: int, port: int, scratch: Path, train_cases, val_cases, cfg: TrainConfig,
+def _fit(rank: int, world: int, port: int, device: str, scratch: Path, train_cases, val_cases, cfg: TrainConfig,
          stats_path: str, stats: dict) -> None:
     """Train the model stored at ``scratch`` and write it back there (rank 0). A module-level function, so that
     torch.multiprocessing can start it once per GPU."""
@@ -243,7 +281,7 @@ def _fit(rank: int, world: int, port: int, scratch: Path, train_cases, val_cases
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model, meta = load_model(scratch)
-        model.to(f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+        model.to(f"cuda:{rank}" if world > 1 else device)
         val_samples = fixed_samples(val_cases, model.config, 16)
 
         def progress(entry):
@@ -253,7 +291,7 @@ def _fit(rank: int, world: int, port: int, scratch: Path, train_cases, val_cases
                 stats["best_metric"] = max(stats["best_metric"] or 0.0, entry["val_dice"])
             _write_json(Path(stats_path), stats)
 
-        train(model, train_cases, scratch, cfg, validate=lambda m: quick_dice(m, val_samples),
+        train(model, train_cases, scratch, cfg, validate=lambda m: served_dice(m, val_samples),
               dataset_weights={"datastore": 1.0}, progress=progress, meta=meta)
     finally:
         if world > 1:
@@ -263,5 +301,17 @@ def _fit(rank: int, world: int, port: int, scratch: Path, train_cases, val_cases
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
     os.replace(tmp, path)
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite number as None: the stats are served in /info, and JSON has no NaN (a
+    diverged loss would otherwise break /info for every client)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
