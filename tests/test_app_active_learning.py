@@ -85,6 +85,13 @@ def test_strategy_returns_the_least_certain_images_first_and_skips_unreadable_on
     assert second["id"] == ranked[1]
     for n in range(len(scores) + 2):
         assert _next(server, f"annotator-{n + 3}")["id"] not in BAD_IMAGES
+    # Every image is out now: later annotators get the one handed out longest ago, so two of them in a row get two
+    # different images (hand-outs are stamped to the second).
+    time.sleep(1.1)
+    late = _next(server, "late-1")
+    time.sleep(1.1)
+    assert _next(server, "late-2")["id"] != late["id"]
+    assert "every candidate was handed out recently" in late["reason"]
 
 
 def test_scoring_in_a_subprocess_as_monai_label_runs_it(server, scores):

@@ -2,7 +2,8 @@
 
 Reads the scores the scoring method stored in the images' info. Images handed out by this strategy within the last
 ``reserve_seconds`` (MONAI Label records each hand-out in the image's info) come after the others, so two
-annotators asking at the same time get different images. Images that could not be read are skipped. With no scores
+annotators asking at the same time get different images; when all are out, the one handed out longest ago comes
+first. Images that could not be read are skipped. With no scores
 yet (the scoring has not run), the first unlabeled image by name is returned.
 """
 
@@ -37,10 +38,13 @@ class MostUncertain(Strategy):
             score = info.get(SCORE_KEY)
             score = float(score) if isinstance(score, (int, float)) else None
             recently_served = now - served < self.reserve_seconds
-            candidates.append((recently_served, score is None, -(score or 0.0), image_id, score))
+            # When every image is out, the one handed out longest ago: more annotators than images then still
+            # spread over the images instead of all getting the most uncertain one.
+            candidates.append((recently_served, served if recently_served else 0.0, score is None, -(score or 0.0),
+                               image_id, score))
         if not candidates:
             return None
-        recently_served, unscored, _, image_id, score = min(candidates)
+        recently_served, _, unscored, _, image_id, score = min(candidates)
         reason = "first unscored unlabeled image by name" if unscored else "highest uncertainty"
         if recently_served:
             reason += "; every candidate was handed out recently"
