@@ -470,6 +470,27 @@ def test_a_series_fetched_for_the_first_time_gets_the_series_checks_and_leaves_n
     assert victim.is_dir()
 
 
+def test_a_series_labelled_through_this_server_is_no_longer_unlabelled(orthanc, tmp_path, monkeypatch):
+    from dicomweb_fixtures import upload_as_new_series
+
+    store, _ = _datastore(orthanc, tmp_path, monkeypatch)
+    series = upload_as_new_series(orthanc, "labelled_here", ROOT / "sample-data" / "dicom" / "phantom_01")
+    try:
+        assert series.series_uid in store.get_unlabeled_images()  # MONAI Label keeps the list of labelled series
+        reference = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "phantom_01_seg.nii.gz"))
+        liver = (sitk.GetArrayFromImage(reference) == 1).astype(np.uint8)
+        sitk.WriteImage(_like(liver, reference), str(tmp_path / "label.nii.gz"))
+        store.get_image_uri(series.series_uid)
+        store.save_label(series.series_uid, str(tmp_path / "label.nii.gz"), "final",
+                         {"label_info": [{"name": "liver"}]})
+
+        assert series.series_uid not in store.get_unlabeled_images()
+        assert orthanc.series["phantom_missing_slice"].series_uid in store.get_unlabeled_images()
+    finally:  # the other tests share this server and count its series
+        for study in orthanc.find("Study", {"StudyInstanceUID": series.study_uid}):
+            orthanc.request("DELETE", f"/studies/{study}")
+
+
 def test_a_final_label_read_back_from_the_server_is_converted_once(orthanc, tmp_path, monkeypatch):
     store, scratch = _datastore(orthanc, tmp_path, monkeypatch)
     from lib.images import read_image, read_label_on_grid

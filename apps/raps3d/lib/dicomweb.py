@@ -92,6 +92,13 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
                     shutil.rmtree(image_dir, ignore_errors=True)
                 raise
 
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        # MONAI Label keeps the server's list of labelled series for hours (MONAI_LABEL_DICOMWEB_CACHE_EXPIRY): a
+        # series whose final label was saved through this server since would be handed out again. This server's
+        # own record of saved final labels is current.
+        saved_here = set(LocalDatastore.get_labeled_images(self))
+        return [i for i in super().get_unlabeled_images(label_tag, labels) if i not in saved_here]
+
     def is_cached(self, image_id: str) -> bool:
         """Whether the series was fetched and converted already: reading it downloads nothing."""
         return os.path.isfile(self._cached_image(image_id))
