@@ -24,6 +24,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib import dicomweb, infer_route, ohif
+from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
 from lib.trainers.raps3d import Raps3DTrain
@@ -79,6 +80,18 @@ class Raps3DApp(MONAILabelApp):
         if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
             dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
         return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        # MONAI Label's next_sample, except that an image the strategy picks but that cannot be fetched (a DICOMweb
+        # series that cannot be converted, or is gone) is set aside and the next one tried, instead of a bare 500
+        # on every request for the same first image.
+        strategy = self._strategies.get(request.get("strategy") or "random")
+        if not isinstance(strategy, MostUncertain):
+            return super().next_sample(request)
+        result = strategy.next_fetchable(request, self.datastore())
+        if result and self._auto_update_scoring:
+            self.async_scoring(None)
+        return result
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -3,8 +3,9 @@
 Reads the scores the scoring method stored in the images' info. Images handed out by this strategy within the last
 ``reserve_seconds`` (MONAI Label records each hand-out in the image's info) come after the others, so two
 annotators asking at the same time get different images; when all are out, the one handed out longest ago comes
-first. Images that could not be read are skipped. With no scores
-yet (the scoring has not run), the first unlabeled image by name is returned.
+first. Images that could not be read are skipped, and so are, for an hour, images that could not be fetched when
+handed out (``set_aside``: over DICOMweb, a series that cannot be converted would otherwise come first again on
+every request). With no scores yet (the scoring has not run), the first unlabeled image by name is returned.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from __future__ import annotations
 import logging
 import time
 
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from ..dicomweb import http_errors
 from ..scoring.uncertainty import DETAILS_KEY, SCORE_KEY
 
 logger = logging.getLogger(__name__)
+
+SET_ASIDE_SECONDS = 3600
+MAX_SET_ASIDE_PER_REQUEST = 5
 
 
 class MostUncertain(Strategy):
@@ -25,12 +31,41 @@ class MostUncertain(Strategy):
         super().__init__(f"Unlabeled image with the highest Raps-3D uncertainty ('{SCORE_KEY}'); first by name "
                          "while no scores exist")
         self.reserve_seconds = reserve_seconds
+        self._set_aside: dict[str, float] = {}  # image id -> when it could not be fetched
+
+    def set_aside(self, image_id: str, reason: str) -> None:
+        """Skip an image that could not be fetched for the next ``SET_ASIDE_SECONDS`` (kept in memory: a restarted
+        server tries it once more)."""
+        logger.warning(f"active learning: {image_id} set aside for {SET_ASIDE_SECONDS} s: {reason}")
+        self._set_aside[image_id] = time.time()
+
+    def next_fetchable(self, request, datastore: Datastore) -> dict:
+        """The next image, as ``__call__`` picks it, with its local ``path``; one that cannot be fetched (404, 422) is
+        set aside and the next one tried. Other failures (the server is down, this disk is full) are not the image's
+        fault: they are raised as they are."""
+        for _ in range(MAX_SET_ASIDE_PER_REQUEST):
+            result = self(request, datastore)
+            if not result or not result.get("id"):
+                return {}
+            try:
+                with http_errors(result["id"], "send series", "the series cannot be converted to a volume"):
+                    result["path"] = datastore.get_image_uri(result["id"])
+            except HTTPException as e:
+                if e.status_code not in (404, 422):
+                    raise
+                self.set_aside(result["id"], str(e.detail))
+                continue
+            return result
+        raise HTTPException(status_code=502, detail=f"{MAX_SET_ASIDE_PER_REQUEST} images in a row could not be "
+                                                    "fetched; see the server log")
 
     def __call__(self, request, datastore: Datastore):
         strategy = request.get("strategy", "")
         now = time.time()
         candidates = []
         for image_id in datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")):
+            if now - self._set_aside.get(image_id, -SET_ASIDE_SECONDS) < SET_ASIDE_SECONDS:
+                continue
             info = datastore.get_image_info(image_id)
             if (info.get(DETAILS_KEY) or {}).get("error"):
                 continue
