@@ -178,7 +178,15 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
     if not srv.model_path.exists():
         pytest.skip("needs the model published by the first test")
     before = digest(srv.model_path)
-    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2, "lr": "fast"}, timeout=60)
+    # A mistyped option is refused before anything starts.
+    runs = len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json())
+    for params, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                            ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'")]:
+        r = requests.post(f"{srv.url}/train/raps3d", json=params, timeout=60)
+        assert r.status_code == 400 and r.json()["detail"] == message, r.text
+    assert len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json()) == runs
+    # MONAI Label's route for all models passes it on unchecked: the run itself fails, and says why.
+    r = requests.post(f"{srv.url}/train/", json={"raps3d": {"steps": 2, "batch_size": 2, "lr": "fast"}}, timeout=60)
     assert r.status_code == 200, r.text
     task = wait_for_training(srv)
     assert task["status"] == "ERROR", task

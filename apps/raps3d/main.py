@@ -23,7 +23,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import dicomweb, infer_route, ohif
+from lib import dicomweb, infer_route, ohif, train_route
 from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
@@ -103,6 +103,10 @@ class Raps3DApp(MONAILabelApp):
             infer_route.install()  # one user's long request no longer holds up everyone else's
         except Exception:
             logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
+        try:
+            train_route.install()  # a mistyped training option is a 400, not a run that fails later
+        except Exception:
+            logger.exception("Raps-3D: could not install the checked train route; left to MONAI Label")
         try:
             self.task.service.warm_up()  # server start only: the first click should not pay for loading
         except Exception:

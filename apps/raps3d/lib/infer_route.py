@@ -17,6 +17,8 @@ from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 
+from .routes import put_first
+
 logger = logging.getLogger(__name__)
 
 ROUTE_NAME = "raps3d_infer_threaded"
@@ -38,12 +40,9 @@ def raps3d_infer(
 
 def install(fastapi_app=None) -> bool:
     """Puts the threaded infer route before MONAI Label's; False when it is there already."""
-    if fastapi_app is None:
-        from monailabel.app import app as fastapi_app
-    if any(getattr(r, "name", "") == ROUTE_NAME for r in fastapi_app.router.routes):
-        return False
     route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", raps3d_infer, methods=["POST"],
                      name=ROUTE_NAME, summary="Run Inference for supported model (in a worker thread)")
-    fastapi_app.router.routes.insert(0, route)
+    if not put_first(route, fastapi_app):
+        return False
     logger.info("Raps-3D: infer requests run in worker threads")
     return True

@@ -1,0 +1,49 @@
+"""MONAI Label's train route, with the Raps-3D train task's options checked before the run is started.
+
+MONAI Label answers ``POST /train/{model}`` with 200 as soon as the training subprocess is started; a mistyped option
+(``lr: "fast"``, ``publish: "yes"``) then only shows up later, as a failed run in ``/info``. Checked here, it is a
+400 with the option's name. The run itself is started by MONAI Label (``run_model``), with the same parameters and
+role.
+"""
+
+import logging
+from typing import Optional
+
+from fastapi import Depends, HTTPException
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.train import run_model
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
+
+from .routes import put_first
+from .trainers.raps3d import Raps3DTrain, training_options
+
+logger = logging.getLogger(__name__)
+
+ROUTE_NAME = "raps3d_train_checked"
+
+
+def raps3d_train(
+    model: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    enqueue: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    task = app_instance()._trainers.get(model)
+    if isinstance(task, Raps3DTrain):
+        if params is not None and not isinstance(params, dict):
+            raise HTTPException(status_code=400, detail="the training options must be a JSON object")
+        try:
+            training_options(params or {}, task.config())
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+    return run_model(model, params, run_sync, enqueue)
+
+
+def install(fastapi_app=None) -> bool:
+    """Puts the checked train route before MONAI Label's; False when it is there already."""
+    route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/train/{{model}}", raps3d_train, methods=["POST"],
+                     name=ROUTE_NAME, summary="Run Training Task for specific model (options checked first)")
+    return put_first(route, fastapi_app)
