@@ -104,7 +104,8 @@ class Raps3DApp(MONAILabelApp):
         except Exception:
             logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
         try:
-            train_route.install()  # a mistyped training option is a 400, not a run that fails later
+            # A mistyped training option: a 400 at once, not a run that fails later.
+            train_route.install({k: t for k, t in self._trainers.items() if isinstance(t, Raps3DTrain)})
         except Exception:
             logger.exception("Raps-3D: could not install the checked train route; left to MONAI Label")
         try:

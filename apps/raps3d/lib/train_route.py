@@ -6,7 +6,6 @@ MONAI Label answers ``POST /train/{model}`` with 200 as soon as the training sub
 role.
 """
 
-import logging
 from typing import Optional
 
 from fastapi import Depends, HTTPException
@@ -14,36 +13,32 @@ from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.train import run_model
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.utils.app import app_instance
 
 from .routes import put_first
 from .trainers.raps3d import Raps3DTrain, training_options
 
-logger = logging.getLogger(__name__)
-
 ROUTE_NAME = "raps3d_train_checked"
 
 
-def raps3d_train(
-    model: str,
-    params: Optional[dict] = None,
-    run_sync: Optional[bool] = False,
-    enqueue: Optional[bool] = False,
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
-):
-    task = app_instance()._trainers.get(model)
-    if isinstance(task, Raps3DTrain):
-        if params is not None and not isinstance(params, dict):
-            raise HTTPException(status_code=400, detail="the training options must be a JSON object")
-        try:
-            training_options(params or {}, task.config())
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
-    return run_model(model, params, run_sync, enqueue)
+def install(trainers: dict[str, Raps3DTrain], fastapi_app=None) -> bool:
+    """Puts the checked train route before MONAI Label's, checking the options of the ``trainers`` given (model name
+    -> task; other models' requests pass unchecked); False when it is there already."""
 
+    def raps3d_train(
+        model: str,
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+        enqueue: Optional[bool] = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
+        task = trainers.get(model)
+        if task is not None:
+            try:
+                training_options(params or {}, task.config())
+            except ValueError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from None
+        return run_model(model, params, run_sync, enqueue)
 
-def install(fastapi_app=None) -> bool:
-    """Puts the checked train route before MONAI Label's; False when it is there already."""
     route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/train/{{model}}", raps3d_train, methods=["POST"],
                      name=ROUTE_NAME, summary="Run Training Task for specific model (options checked first)")
     return put_first(route, fastapi_app)
