@@ -595,6 +595,8 @@ def test_training_options_are_checked_and_typed():
                              ({"lr": float("nan")}, "lr must be a number, got nan"),
                              ({"val_split": 1}, "val_split must be from 0.0 to 0.9, got 1"),
                              ({"seed": "inf"}, "seed must be a whole number, got 'inf'"),
+                             ({"seed": 2**63}, f"seed must be from 0 to {2**31 - 1}, got {2**63}"),
+                             ({"steps": 10**400}, f"steps must be a whole number, got {10**400}"),
                              ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'"),
                              ({"freeze_image_encoder": 1}, "freeze_image_encoder must be true or false, got 1"),
                              ({"freeze_image_encoder": "no"},
@@ -663,8 +665,8 @@ def test_training_scores_a_model_at_its_own_mask_threshold_and_stats_stay_json(t
     _write_json(path, {"loss": float("nan"), "val_dice": float("inf"), "steps": [1.0, float("-inf")]})
     assert json.loads(path.read_text()) == {"loss": None, "val_dice": None, "steps": [1.0, None]}
 
-    import psutil
+    from lib.trainers.raps3d import _process_start
 
-    me = psutil.Process()
-    assert _alive(os.getpid(), __import__("socket").gethostname(), me.create_time())
-    assert not _alive(os.getpid(), __import__("socket").gethostname(), me.create_time() - 3600)  # a reused pid
+    host, started = __import__("socket").gethostname(), _process_start(os.getpid())
+    assert _alive(os.getpid(), host, started) and _alive(os.getpid(), host)  # (stats written before the check)
+    assert not _alive(os.getpid(), host, started - 100)  # the pid now belongs to a later process

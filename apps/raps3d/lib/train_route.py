@@ -24,7 +24,7 @@ def install(trainers: dict[str, Raps3DTrain], fastapi_app=None) -> bool:
     """Puts the checked train route before MONAI Label's, checking the options of the ``trainers`` given (model name
     -> task; other models' requests pass unchecked); False when it is there already."""
 
-    def raps3d_train(
+    async def raps3d_train(  # on the event loop, as MONAI Label's route: its task bookkeeping is not thread safe
         model: str,
         params: Optional[dict] = None,
         run_sync: Optional[bool] = False,

@@ -103,7 +103,7 @@ class Raps3DTrain(TrainTask):
         self.publish_path.parent.mkdir(parents=True, exist_ok=True)
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
                  "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname(),
-                 "process_start": psutil.Process().create_time()}
+                 "process_start": _process_start(os.getpid())}
         self._write_stats(stats)
         scratch = self._scratch
         try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
@@ -172,6 +172,7 @@ class Raps3DTrain(TrainTask):
 
 
 PUBLISH_CHOICES = ("if_better", "always", "never")
+MAX_SEED = 2**31 - 1  # torch's seed overflows from 2**63, and a float (JSON) holds whole numbers exactly up to 2**53
 FROZEN = ("image_encoder.",)  # parameter name prefixes that freeze_image_encoder keeps fixed
 
 
@@ -184,7 +185,7 @@ def training_options(request: dict, defaults: dict) -> dict:
         raw = cfg[key]
         try:
             value = None if isinstance(raw, bool) else float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a 400-digit number overflows a float
             value = None
         if value is None or not np.isfinite(value) or (kind is int and value != int(value)):
             raise ValueError(f"{key} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}")
@@ -195,7 +196,7 @@ def training_options(request: dict, defaults: dict) -> dict:
 
     out = {"steps": number("steps", int, 1), "batch_size": number("batch_size", int, 1),
            "lr": number("lr", float, 1e-12, 1.0), "val_split": number("val_split", float, 0.0, 0.9),
-           "seed": number("seed", int, 0), "publish": cfg["publish"],
+           "seed": number("seed", int, 0, MAX_SEED), "publish": cfg["publish"],
            "freeze_image_encoder": flag("freeze_image_encoder", cfg["freeze_image_encoder"])}
     if out["publish"] not in PUBLISH_CHOICES:
         raise ValueError(f"publish must be 'if_better', 'always' or 'never', got {cfg['publish']!r}")
@@ -223,8 +224,9 @@ def _image_name(path: str) -> str:
 
 def split_by_image(cases: list[Case], val_split: float, seed: int) -> tuple[list[Case], list[Case]]:
     """(training, validation) cases. An image's side depends only on its name and the seed, so that adding labelled
-    images never moves one the served model was trained on into validation. At least one image validates; with a
-    single labelled image, that image both trains and validates."""
+    images does not move one the served model was trained on into validation, except while one side would be empty
+    (it then takes from the other: at least one image validates and one trains). A single labelled image both
+    trains and validates."""
     if len(cases) < 2:
         return cases, cases
 
@@ -239,10 +241,10 @@ def split_by_image(cases: list[Case], val_split: float, seed: int) -> tuple[list
 
 def training_devices(option: str) -> tuple[str, int]:
     """(device of the main process, number of GPUs to train on) for the app's ``device`` option: ``auto`` uses every
-    GPU there is, ``cuda:N`` that one, ``cpu`` none."""
+    GPU there is, ``cuda`` or ``cuda:N`` one (as inference does), ``cpu`` none."""
     if option == "cpu" or not torch.cuda.is_available():
         return "cpu", 0
-    if option.startswith("cuda:"):
+    if option.startswith("cuda"):
         return option, 1
     return "cuda", torch.cuda.device_count()
 
@@ -258,12 +260,23 @@ def _alive(pid, host, process_start=None) -> bool:
     if not isinstance(pid, int) or host != socket.gethostname():
         return True
     try:
-        process = psutil.Process(pid)
-        if isinstance(process_start, (int, float)) and abs(process.create_time() - process_start) > 1.0:
+        if process_start is not None and _process_start(pid) != process_start:
             return False
-        return process.status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _process_start(pid: int):
+    """When a process started, as Linux counts it (clock ticks since boot: a wall-clock step does not move it);
+    elsewhere psutil's start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).create_time()
 
 
 def _free_port() -> int:
