@@ -38,25 +38,3 @@ def test_openkbp_targets_are_one_object_where_the_label_map_left_pieces():
     assert _largest_piece_fraction(ptv63) > 0.95
     assert np.array_equal(ptv63, label >= 2)
     assert np.array_equal(case.structures["PTV70"], label == 3)
-    # Treatment targets enclose organs: training prompts them with boxes only, organs with boxes and points.
-    assert case.box_only == {n for n in case.structures if n.startswith("PTV")} and "Brainstem" in case.structures
-
-
-def test_structures_marked_box_only_are_never_prompted_with_a_point():
-    from raps3d.modeling import build_model
-    from raps3d.training.data import Case
-    from raps3d.training.sampling import make_sample
-
-    volume = np.full((40, 64, 64), -800, np.int16)
-    mask = np.zeros(volume.shape, bool)
-    mask[10:30, 20:44, 20:44] = True
-    volume[mask] = 40
-    config = build_model("lite").config
-    rng = np.random.default_rng(0)
-    kinds = {}
-    for only in (frozenset(), frozenset({"target"})):
-        case = Case("c", "synthetic", volume, (2.0, 1.0, 1.0), {"target": mask}, only)
-        samples = [make_sample(case, "target", config, rng) for _ in range(40)]
-        kinds[only] = {"point" if len(s.labels) == 1 else "box" for s in samples if s is not None}
-    assert kinds[frozenset()] == {"point", "box"}
-    assert kinds[frozenset({"target"})] == {"box"}

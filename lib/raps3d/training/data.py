@@ -24,16 +24,13 @@ def data_root() -> Path:
 
 @dataclass
 class Case:
-    """One CT volume (z, y, x) with its structures as {name: binary mask (z, y, x)}. Structures named in ``box_only``
-    are prompted with boxes only in training: treatment targets enclose organs, so a point inside one is ambiguous
-    (trained with points there, a model answers a point in the larynx with the target around it)."""
+    """One CT volume (z, y, x) with its structures as {name: binary mask (z, y, x)}."""
 
     name: str
     dataset: str
     volume: np.ndarray
     spacing: tuple
     structures: dict = field(default_factory=dict)
-    box_only: frozenset = frozenset()
 
 
 def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:
@@ -76,16 +73,13 @@ def openkbp_cases(split: str, limit: int | None = None) -> list[Case]:
     cases = []
     for ct in cts:
         volume, spacing = read_zyx(ct)
-        structures, targets = {}, {}
-        path = ct.with_name(ct.name.replace("_ct.", "_oar."))
-        if path.exists():
-            structures.update(split_labels(read_zyx(path)[0], {int(k): v for k, v in names["oar"].items()}))
-        path = ct.with_name(ct.name.replace("_ct.", "_ptv."))
-        if path.exists():
-            targets = split_dose_levels(read_zyx(path)[0], {int(k): v for k, v in names["ptv"].items()})
-        if structures or targets:
-            cases.append(Case(ct.name.split("_ct")[0], "openkbp", volume, spacing, {**structures, **targets},
-                              frozenset(targets)))
+        structures = {}
+        for kind, split_map in (("oar", split_labels), ("ptv", split_dose_levels)):
+            path = ct.with_name(ct.name.replace("_ct.", f"_{kind}."))
+            if path.exists():
+                structures.update(split_map(read_zyx(path)[0], {int(k): v for k, v in names[kind].items()}))
+        if structures:
+            cases.append(Case(ct.name.split("_ct")[0], "openkbp", volume, spacing, structures))
     return cases
 
 

@@ -43,7 +43,7 @@ def save_packed(path: str | Path, splits: dict[str, list[Case]]) -> Path:
             arrays[f"volume_{i}"] = _quantize(case.volume, lo, hi)
             arrays[f"masks_{i}"] = np.packbits(np.stack([case.structures[n] for n in names]).astype(bool))
             index.append({"split": split, "name": case.name, "dataset": case.dataset, "shape": case.volume.shape,
-                          "spacing": case.spacing, "structures": names, "box_only": sorted(case.box_only)})
+                          "spacing": case.spacing, "structures": names})
     header = {"format": FORMAT, "hu_range": [lo, hi], "cases": index}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +65,7 @@ def load_packed(path: str | Path) -> dict[str, list[Case]]:
             bits = np.unpackbits(f[f"masks_{i}"], count=len(names) * int(np.prod(shape))).astype(bool)
             masks = bits.reshape(len(names), *shape)
             case = Case(entry["name"], entry["dataset"], _dequantize(f[f"volume_{i}"], lo, hi),
-                        tuple(entry["spacing"]), {n: masks[k] for k, n in enumerate(names)},
-                        frozenset(entry.get("box_only", ())))  # files packed before it have no box_only
+                        tuple(entry["spacing"]), {n: masks[k] for k, n in enumerate(names)})
             splits.setdefault(entry["split"], []).append(case)
     return splits
 

@@ -88,7 +88,7 @@ def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Gener
     target = resample_box(mask.astype(np.float32), box, config.mask_shape) > 0.5
     if not target.any():
         return None
-    if name in case.box_only or rng.random() < box_fraction:
+    if rng.random() < box_fraction:
         zs = np.nonzero(crop.reshape(crop.shape[0], -1).any(1))[0]
         z = int(rng.choice(zs))
         (y0, x0), (y1, x1) = slice_box(crop[z])
