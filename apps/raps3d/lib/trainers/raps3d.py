@@ -230,11 +230,9 @@ def split_by_image(cases: list[Case], val_split: float, seed: int) -> tuple[list
     if len(cases) < 2:
         return cases, cases
 
-    def rank(case: Case) -> float:
-        return int(hashlib.sha256(f"{seed}:{case.name}".encode()).hexdigest()[:12], 16) / 16**12
-
-    ordered = sorted(cases, key=rank)
-    n_val = sum(rank(c) < val_split for c in ordered)
+    rank = {c.name: int(hashlib.sha256(f"{seed}:{c.name}".encode()).hexdigest()[:12], 16) / 16**12 for c in cases}
+    ordered = sorted(cases, key=lambda c: rank[c.name])
+    n_val = sum(rank[c.name] < val_split for c in ordered)
     n_val = min(max(n_val, 1), len(cases) - 1)  # a split that leaves one side empty takes from the other
     return ordered[n_val:], ordered[:n_val]
 
@@ -269,14 +267,14 @@ def _alive(pid, host, process_start=None) -> bool:
 
 def _process_start(pid: int):
     """When a process started, as Linux counts it (clock ticks since boot: a wall-clock step does not move it);
-    elsewhere psutil's start time."""
+    elsewhere psutil's start time. psutil.NoSuchProcess when there is no such process."""
+    if not psutil.LINUX:
+        return psutil.Process(pid).create_time()
     try:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except FileNotFoundError:
         raise psutil.NoSuchProcess(pid) from None
-    except (OSError, IndexError, ValueError):
-        return psutil.Process(pid).create_time()
 
 
 def _free_port() -> int:
