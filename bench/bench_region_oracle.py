@@ -42,7 +42,8 @@ def main() -> None:
     rows = defaultdict(list)
     for case in openkbp_cases("validation", args.openkbp) + lidc_cases(True, args.lidc):
         image = ImageState(engine, case.volume, case.spacing)
-        for name, reference in sorted(case.structures.items()):
+        for name, structure in sorted(case.structures.items()):
+            reference = structure.full()
             region = reference_region(reference, image.spacing, image.shape)
             frame = Frame(region, engine.config.input_shape)
             features = engine.encode(case.volume, frame)

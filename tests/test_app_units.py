@@ -671,3 +671,37 @@ def test_training_scores_a_model_at_its_own_mask_threshold_and_stats_stay_json(t
     host, started = __import__("socket").gethostname(), _process_start(os.getpid())
     assert _alive(os.getpid(), host, started) and _alive(os.getpid(), host)  # (stats written before the check)
     assert not _alive(os.getpid(), host, started - 100)  # the pid now belongs to a later process
+
+
+def test_the_train_task_keeps_each_label_as_its_bounding_box_and_wide_images_as_int16(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.trainers.raps3d import Raps3DTrain
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    volume = np.full((40, 96, 96), -1000, np.int32)  # stored as 32-bit, as some exports are
+    volume[5:35, 20:80, 20:80] = 40
+    label = np.zeros(volume.shape, np.uint8)
+    label[10:20, 30:50, 30:40] = 1
+    label[25:30, 60:70, 60:75] = 4
+    label[0, 0, 0] = 7  # one voxel: too small to train on
+    for array, path in ((volume, studies / "ct_01.nii.gz"), (label, tmp_path / "ct_01_label.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.8, 0.8, 2.5))
+        sitk.WriteImage(image, str(path))
+    datastore = LocalDatastore(str(studies))
+    datastore.save_label("ct_01", str(tmp_path / "ct_01_label.nii.gz"), "final", {})
+    task = Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt",
+                                  device="cpu"))
+
+    (case,), skipped = task._cases(datastore)
+
+    assert skipped == {} and case.name == "ct_01" and case.spacing == pytest.approx((2.5, 0.8, 0.8))
+    assert case.volume.dtype == np.int16  # air clipped to below the widest training window, the rest as it was
+    assert np.array_equal(case.volume, np.clip(volume, -606, None)) and case.volume.min() == -606
+    assert sorted(case.structures) == ["label_1", "label_4"]
+    assert case.structures["label_1"].crop.shape == (10, 20, 10)
+    assert case.structures["label_4"].crop.shape == (5, 10, 15)
+    for value in (1, 4):
+        assert np.array_equal(case.structures[f"label_{value}"].full(), label == value)

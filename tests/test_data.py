@@ -3,7 +3,10 @@
 import numpy as np
 from scipy import ndimage
 
-from raps3d.training.data import openkbp_cases, split_dose_levels
+from raps3d.geometry import Box, resample_box
+from raps3d.modeling import build_model
+from raps3d.training.data import Case, Structure, openkbp_cases, split_dose_levels
+from raps3d.training.sampling import augmented_hu_range, compact_volume, make_sample
 
 from library_fixtures import real_ct
 
@@ -34,7 +37,64 @@ def test_openkbp_targets_are_one_object_where_the_label_map_left_pieces():
 
     (case,) = openkbp_cases("train", limit=1)
     assert case.name == "pt_1"
-    ptv63 = case.structures["PTV63"]
+    ptv63 = case.structures["PTV63"].full()
     assert _largest_piece_fraction(ptv63) > 0.95
     assert np.array_equal(ptv63, label >= 2)
-    assert np.array_equal(case.structures["PTV70"], label == 3)
+    assert np.array_equal(case.structures["PTV70"].full(), label == 3)
+
+
+def test_a_structure_keeps_only_its_bounding_box_and_reads_back_exactly():
+    mask = np.zeros((64, 128, 128), bool)
+    mask[10:14, 20:30, 40:45] = True
+    mask[12, 25, 44] = False  # a hole, kept
+    mask[13, 29, 40] = True
+
+    structure = Structure.from_mask(mask)
+
+    assert structure.crop.shape == (4, 10, 5) and structure.crop.nbytes == 200  # the volume's mask: 1 MB
+    assert structure.box == Box((10, 20, 40), (14, 30, 45)) and structure.count == mask.sum()
+    assert np.array_equal(structure.full(), mask)
+    assert np.array_equal(structure.voxels(), np.argwhere(mask))  # the same order: samples drawn stay the same
+    for box in (Box((0, 0, 0), (64, 128, 128)), Box((12, 25, 42), (40, 100, 100)), Box((0, 0, 0), (11, 21, 41)),
+                Box((30, 0, 0), (64, 128, 128))):
+        assert np.array_equal(structure.in_box(box), mask[box.slices]), box
+        for shape in ((32, 64, 64), (3, 5, 7)):  # a training target, read without the frame-sized mask
+            assert np.array_equal(structure.resample(box, shape), resample_box(mask.astype(np.float32), box, shape))
+    assert structure.within(Box((30, 0, 0), (64, 128, 128))) is None
+    assert structure.within(Box((12, 0, 0), (64, 22, 128))) == Box((12, 20, 40), (14, 22, 45))
+
+    empty = Structure.from_mask(np.zeros((4, 5, 6), bool))
+    assert empty.count == 0 and empty.full().shape == (4, 5, 6) and not empty.full().any()
+
+
+def test_cases_store_full_masks_as_structures():
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:4, 2:4, 2:4] = True
+    case = Case("c", "site", np.zeros((8, 8, 8), np.int16), (1, 1, 1), {"organ": mask})
+    assert isinstance(case.structures["organ"], Structure) and case.structures["organ"].crop.shape == (2, 2, 2)
+    assert np.array_equal(case.structures["organ"].full(), mask)
+
+
+def test_wide_volumes_are_kept_as_int16_without_changing_what_training_sees():
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1500, 2500, (24, 40, 40))
+    hu[:, :3] = -3024  # outside the scanner's field of view
+    mask = np.zeros(hu.shape, bool)
+    mask[8:16, 12:28, 12:28] = True
+    config = build_model("lite").config
+    for wide in (np.rint(hu).astype(np.int32), hu.astype(np.float32)):
+        compact = compact_volume(wide)
+        assert compact.dtype == np.int16 and compact.nbytes * 2 == wide.nbytes
+        lo, hi = augmented_hu_range()
+        assert compact.min() >= np.floor(lo) and compact.max() <= np.ceil(hi)
+        assert np.abs(compact - np.clip(wide, lo, hi)).max() <= 1.0
+        for seed in range(6):
+            a = make_sample(Case("c", "site", wide, (2.0, 1.0, 1.0), {"s": mask}), "s", config,
+                            np.random.default_rng(seed))
+            b = make_sample(Case("c", "site", compact, (2.0, 1.0, 1.0), {"s": mask}), "s", config,
+                            np.random.default_rng(seed))
+            assert np.array_equal(a.target, b.target) and np.array_equal(a.coords, b.coords)
+            # whole HU, and nothing beyond the widest window: within half an HU of the window's 1500-HU width
+            assert np.abs(a.image - b.image).max() <= 0.5 / 1350 + 1e-6
+    int16 = np.zeros((4, 4, 4), np.int16)
+    assert compact_volume(int16) is int16  # a CT's own type is kept as it is

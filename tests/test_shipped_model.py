@@ -31,7 +31,7 @@ def _dices(engine, cases, structures=None, prompt="box"):
         for name, reference in sorted(case.structures.items()):
             if structures and name not in structures:
                 continue
-            d, seconds = evaluate_structure(image, reference, prompt)
+            d, seconds = evaluate_structure(image, reference.full(), prompt)
             assert len(d) == 4 and len(seconds) >= 1
             dices.append(d)
     return np.array(dices)

@@ -204,10 +204,11 @@ def test_intermediate_view_samples_are_cubes_around_the_structure(cases):
     from raps3d.training.sampling import make_sample, mid_zoom_box
 
     case = cases[0]
-    mask = case.structures["Brainstem"]
+    structure = case.structures["Brainstem"]
+    mask = structure.full()
     rng = np.random.default_rng(0)
     expected = np.minimum(np.ceil(MID_ZOOM_MM / np.asarray(case.spacing)), mask.shape).astype(int)
-    boxes = [mid_zoom_box(mask, case.spacing, rng) for _ in range(20)]
+    boxes = [mid_zoom_box(structure, case.spacing, rng) for _ in range(20)]
     for box in boxes:
         assert box.size == tuple(expected) and mask[box.slices].any()
     assert len({b.start for b in boxes}) > 5  # the cube moves around the structure

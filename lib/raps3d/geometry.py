@@ -114,15 +114,26 @@ def resample_box(volume: np.ndarray, box: Box, shape: Sequence[int], window: tup
     Only the 8 * prod(shape) source voxels that the output needs are read, so the cost does not grow with the
     volume. With ``window`` the values are clipped to it and scaled to [0, 1] before interpolation.
     """
-    taps = [_linear_taps(a, n, m) for a, n, m in zip(box.start, box.size, shape)]
-    index = [np.concatenate([lo, hi]) for lo, hi, _ in taps]
+    index, weights = box_taps(box, shape)
     block = volume[np.ix_(*index)].astype(np.float32)
     if window is not None:
         lo_v, hi_v = window
         np.clip(block, lo_v, hi_v, out=block)
         block -= lo_v
         block *= 1.0 / (hi_v - lo_v)
-    for axis, (_, _, w) in enumerate(taps):
+    return interpolate_taps(block, weights)
+
+
+def box_taps(box: Box, shape: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per axis, the voxel indices that resampling ``box`` onto ``shape`` reads (the lower taps, then the upper
+    ones) and the weights of the upper taps."""
+    taps = [_linear_taps(a, n, m) for a, n, m in zip(box.start, box.size, shape)]
+    return [np.concatenate([lo, hi]) for lo, hi, _ in taps], [w for _, _, w in taps]
+
+
+def interpolate_taps(block: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """The resampled values from the ``block`` of float32 samples read at ``box_taps``' indices."""
+    for axis, w in enumerate(weights):
         m = len(w)
         a = np.take(block, np.arange(m), axis=axis)
         b = np.take(block, np.arange(m, 2 * m), axis=axis)

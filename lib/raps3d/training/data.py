@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+
+from ..geometry import Box, box_taps, interpolate_taps
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 MIN_STRUCTURE_VOXELS = 20
@@ -22,15 +25,84 @@ def data_root() -> Path:
     return Path(os.environ.get("RAPS3D_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
+@dataclass(frozen=True, eq=False)
+class Structure:
+    """A binary mask of a volume, kept as the part inside its bounding box.
+
+    A structure is usually a small part of its CT: as a full-volume mask, each label of a 512 x 512 x 300 CT would
+    hold 79 MB, and a train task reads every saved label of every image at once.
+    """
+
+    start: tuple  # (z, y, x) of the bounding box's first voxel
+    crop: np.ndarray  # bool, the mask inside its bounding box
+    shape: tuple  # the volume's
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> "Structure":
+        mask = np.asarray(mask, dtype=bool)
+        found = ndimage.find_objects(mask.astype(np.uint8))
+        if not found:
+            return cls((0, 0, 0), np.zeros((0, 0, 0), bool), mask.shape)
+        bounds = found[0]
+        return cls(tuple(s.start for s in bounds), mask[bounds].copy(), mask.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self.crop.sum())
+
+    @property
+    def box(self) -> Box:
+        """The bounding box (the structure must not be empty)."""
+        return Box(self.start, tuple(a + n for a, n in zip(self.start, self.crop.shape)))
+
+    def voxels(self) -> np.ndarray:
+        """(N, 3) voxel indices of the structure, in the order ``np.argwhere`` gives for the full mask."""
+        return np.argwhere(self.crop) + np.asarray(self.start)
+
+    def in_box(self, box: Box) -> np.ndarray:
+        """The mask over ``box`` of the volume (False where the structure is not)."""
+        out = np.zeros(box.size, bool)
+        part = self.within(box)
+        if part is not None:
+            out[tuple(slice(a - b, c - b) for a, b, c in zip(part.start, box.start, part.stop))] = \
+                self.crop[tuple(slice(a - b, c - b) for a, b, c in zip(part.start, self.start, part.stop))]
+        return out
+
+    def full(self) -> np.ndarray:
+        """The mask over the whole volume."""
+        return self.in_box(Box((0, 0, 0), self.shape))
+
+    def within(self, box: Box) -> Box | None:
+        """The part of the bounding box inside ``box`` (None when they do not meet)."""
+        start = np.maximum(box.start, self.start)
+        stop = np.minimum(box.stop, np.asarray(self.start) + self.crop.shape)
+        return Box(tuple(map(int, start)), tuple(map(int, stop))) if (stop > start).all() else None
+
+    def resample(self, box: Box, shape) -> np.ndarray:
+        """``resample_box(self.full().astype(np.float32), box, shape)``, reading only the voxels it needs."""
+        index, weights = box_taps(box, shape)
+        local = [i - s for i, s in zip(index, self.start)]
+        inside = [(i >= 0) & (i < n) for i, n in zip(local, self.crop.shape)]
+        block = np.zeros([len(i) for i in index], np.float32)
+        if all(f.any() for f in inside):
+            block[np.ix_(*inside)] = self.crop[np.ix_(*(i[f] for i, f in zip(local, inside)))]
+        return interpolate_taps(block, weights)
+
+
 @dataclass
 class Case:
-    """One CT volume (z, y, x) with its structures as {name: binary mask (z, y, x)}."""
+    """One CT volume (z, y, x) with its structures as {name: Structure}; full binary masks (z, y, x) given here are
+    stored as Structures."""
 
     name: str
     dataset: str
     volume: np.ndarray
     spacing: tuple
     structures: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.structures = {k: v if isinstance(v, Structure) else Structure.from_mask(v)
+                           for k, v in self.structures.items()}
 
 
 def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:

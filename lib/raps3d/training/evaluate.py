@@ -60,7 +60,8 @@ def evaluate(engine: Engine, cases: list[Case]) -> list[dict]:
     rows = []
     for case in cases:
         image = ImageState(engine, case.volume, case.spacing)
-        for name, reference in sorted(case.structures.items()):
+        for name, structure in sorted(case.structures.items()):
+            reference = structure.full()
             for prompt in ("box", "point"):
                 dices, seconds = evaluate_structure(image, reference, prompt)
                 rows.append({"dataset": case.dataset, "case": case.name, "structure": name, "prompt": prompt,

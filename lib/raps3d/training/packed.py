@@ -41,7 +41,7 @@ def save_packed(path: str | Path, splits: dict[str, list[Case]]) -> Path:
             i = len(index)
             names = sorted(case.structures)
             arrays[f"volume_{i}"] = _quantize(case.volume, lo, hi)
-            arrays[f"masks_{i}"] = np.packbits(np.stack([case.structures[n] for n in names]).astype(bool))
+            arrays[f"masks_{i}"] = np.packbits(np.stack([case.structures[n].full() for n in names]).astype(bool))
             index.append({"split": split, "name": case.name, "dataset": case.dataset, "shape": case.volume.shape,
                           "spacing": case.spacing, "structures": names})
     header = {"format": FORMAT, "hu_range": [lo, hi], "cases": index}

@@ -29,7 +29,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from raps3d import ImageError, check_volume, load_model, save_model
 from raps3d.modeling import build_model
-from raps3d.training.data import Case
+from raps3d.training.data import Case, Structure
+from raps3d.training.sampling import compact_volume
 from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
@@ -93,10 +94,11 @@ class Raps3DTrain(TrainTask):
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
                 continue
-            structures = {f"label_{v}": label == v for v in np.unique(label) if v != 0}
-            structures = {k: m for k, m in structures.items() if m.sum() >= MIN_VOXELS}
+            # One full-size mask at a time: only each label's bounding box is kept.
+            structures = {f"label_{v}": Structure.from_mask(label == v) for v in np.unique(label) if v != 0}
+            structures = {k: s for k, s in structures.items() if s.count >= MIN_VOXELS}
             if structures:
-                cases.append(Case(name, "datastore", volume, geometry.spacing[::-1], structures))
+                cases.append(Case(name, "datastore", compact_volume(volume), geometry.spacing[::-1], structures))
         return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
