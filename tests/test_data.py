@@ -94,7 +94,7 @@ def test_wide_volumes_are_kept_as_int16_without_changing_what_training_sees():
             b = make_sample(Case("c", "site", compact, (2.0, 1.0, 1.0), {"s": mask}), "s", config,
                             np.random.default_rng(seed))
             assert np.array_equal(a.target, b.target) and np.array_equal(a.coords, b.coords)
-            # whole HU, and nothing beyond the widest window: within half an HU of the window's 1500-HU width
+            # whole HU: within half an HU over the narrowest augmented window (1350 HU wide)
             assert np.abs(a.image - b.image).max() <= 0.5 / 1350 + 1e-6
     int16 = np.zeros((4, 4, 4), np.int16)
     assert compact_volume(int16) is int16  # a CT's own type is kept as it is

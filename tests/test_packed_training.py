@@ -43,8 +43,8 @@ def test_packed_cases_keep_masks_exactly_and_intensities_within_a_step(splits, p
     for original, copy in zip(splits["training"] + splits["validation"], loaded["training"] + loaded["validation"]):
         assert copy.dataset == original.dataset and copy.spacing == pytest.approx(original.spacing)
         assert copy.volume.shape == original.volume.shape and sorted(copy.structures) == sorted(original.structures)
-        for name, mask in original.structures.items():
-            assert np.array_equal(copy.structures[name].full(), mask.full()), name
+        for name, structure in original.structures.items():
+            assert np.array_equal(copy.structures[name].full(), structure.full()), name
         expected = np.clip(original.volume.astype(np.float32), lo, hi)
         assert np.abs(copy.volume - expected).max() <= step / 2 + 0.5  # rounding to the level, then to whole HU
     assert packed.stat().st_size < sum(c.volume.nbytes for c in splits["training"]) / 4

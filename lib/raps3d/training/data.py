@@ -40,7 +40,7 @@ class Structure:
     @classmethod
     def from_mask(cls, mask: np.ndarray) -> "Structure":
         mask = np.asarray(mask, dtype=bool)
-        found = ndimage.find_objects(mask.astype(np.uint8))
+        found = ndimage.find_objects(mask.view(np.uint8))  # a view: no second full-size array
         if not found:
             return cls((0, 0, 0), np.zeros((0, 0, 0), bool), mask.shape)
         bounds = found[0]
@@ -62,15 +62,19 @@ class Structure:
     def in_box(self, box: Box) -> np.ndarray:
         """The mask over ``box`` of the volume (False where the structure is not)."""
         out = np.zeros(box.size, bool)
-        part = self.within(box)
-        if part is not None:
-            out[tuple(slice(a - b, c - b) for a, b, c in zip(part.start, box.start, part.stop))] = \
-                self.crop[tuple(slice(a - b, c - b) for a, b, c in zip(part.start, self.start, part.stop))]
+        inside = self.within(box)
+        if inside is not None:
+            where = tuple(slice(a - b, c - b) for a, b, c in zip(inside.start, box.start, inside.stop))
+            out[where] = self.part(inside)
         return out
 
     def full(self) -> np.ndarray:
         """The mask over the whole volume."""
         return self.in_box(Box((0, 0, 0), self.shape))
+
+    def part(self, box: Box) -> np.ndarray:
+        """The mask over ``box``, a box inside the bounding box (a view of ``crop``)."""
+        return self.crop[tuple(slice(a - s, b - s) for a, b, s in zip(box.start, box.stop, self.start))]
 
     def within(self, box: Box) -> Box | None:
         """The part of the bounding box inside ``box`` (None when they do not meet)."""

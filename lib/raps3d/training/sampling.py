@@ -37,7 +37,8 @@ def augmented_hu_range() -> tuple[float, float]:
 
 def compact_volume(volume: np.ndarray) -> np.ndarray:
     """``volume`` as int16 where it is held in a wider type (int32, float32): values beyond the HU range that any
-    augmented window sees are clipped and the rest rounded to whole HU, which no training sample can tell apart.
+    augmented window sees are clipped (every window clips them anyway) and the rest rounded to whole HU (half an HU
+    at most, far below CT noise).
     A train task keeps every labelled CT in memory, and 2 bytes a voxel is what a CT's own data type needs."""
     if volume.dtype.itemsize <= 2 and volume.dtype.kind in "iu":
         return volume
@@ -93,11 +94,11 @@ def make_sample(case: Case, name: str, config: ModelConfig, rng: np.random.Gener
     frame = Frame(box, config.input_shape)
     # Prompts are drawn from the part of the structure's bounding box inside the frame (the rest of the frame holds
     # none of it): the same prompts as from the whole frame, without a frame-sized mask (a zoom-out's is the CT's).
-    part = structure.within(box)
-    if part is None:
+    inside = structure.within(box)
+    if inside is None:
         return None
-    crop = structure.in_box(part)
-    offset = np.subtract(part.start, box.start)  # of ``crop`` in the frame's box
+    crop = structure.part(inside)
+    offset = np.subtract(inside.start, box.start)  # of ``crop`` in the frame's box
     if crop.sum() < 4:
         return None
     volume = case.volume

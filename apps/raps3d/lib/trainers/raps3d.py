@@ -99,6 +99,7 @@ class Raps3DTrain(TrainTask):
             structures = {k: s for k, s in structures.items() if s.count >= MIN_VOXELS}
             if structures:
                 cases.append(Case(name, "datastore", compact_volume(volume), geometry.spacing[::-1], structures))
+            del volume, label  # before the next image is read: one image's full-size arrays at a time
         return cases, skipped
 
     def __call__(self, request, datastore: Datastore):
