@@ -80,3 +80,18 @@ def test_a_rejected_request_leaves_the_session_as_it_was_and_the_server_working(
     assert server.infer("corrupt", {**base, "foreground": [[1, 1, 0]]}).status_code == 422
     edit = server.infer(IMAGE, {**base, "foreground": [CLICK, [82, 66, 24]]})
     assert edit.status_code == 200 and edit.json()["cache"] == "edit"
+
+
+def test_a_refused_upload_leaves_no_copy_in_the_temporary_folder(server):
+    from conftest import SAMPLE_IMAGES
+
+    scratch = server.log.parent / "tmp"  # the server's TMPDIR
+    before = set(scratch.iterdir())
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    for files, params, status in (
+            ({"file": ("upload.nii.gz", ct, "application/octet-stream")}, {"foreground": [[9999, 1, 1]]}, 400),
+            ({"file": ("upload.nii.gz", b"not a NIfTI file", "application/octet-stream")},
+             {"foreground": [[1, 1, 1]]}, 422)):
+        r = server.infer("", params, files=files)
+        assert r.status_code == status, r.text
+        assert set(scratch.iterdir()) == before, "an upload of a refused request was left behind"

@@ -5,7 +5,8 @@ image is opened, segmented and its label written, the event loop serves nothing 
 ``/info`` and OHIF's proxied image requests all wait behind it. The same endpoint declared as a plain function is run
 by FastAPI in its thread pool. The app's sessions are thread safe and the model's forward passes take turns (the
 engine's lock), so other requests are served while one runs.
-The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles.
+The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles; a refused
+request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder).
 """
 
 import logging
@@ -14,7 +15,7 @@ from typing import Optional
 from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
 from fastapi.routing import APIRoute
 from monailabel.config import settings
-from monailabel.endpoints.infer import ResultType, run_inference
+from monailabel.endpoints.infer import ResultType, remove_file, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 
 from .routes import put_first
@@ -35,7 +36,15 @@ def raps3d_infer(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    try:
+        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    except BaseException:
+        # MONAI Label queues the removal of uploaded files as background tasks, which run only after a response
+        # was sent: a refused request's uploads (a whole CT, say) would stay in the temporary folder for good.
+        for task in background_tasks.tasks:
+            if task.func is remove_file:
+                task.func(*task.args, **task.kwargs)
+        raise
 
 
 def install(fastapi_app=None) -> bool:
