@@ -300,39 +300,3 @@ def test_quick_dice_scores_the_mask_the_model_is_most_sure_of():
         pytest.approx(2 * 32 / (32 + 256))
     with pytest.raises(ValueError, match="no validation sample"):
         quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [])
-
-
-def test_the_iou_head_can_learn_the_iou_of_the_mask_as_served():
-    from raps3d.training.train import hard_iou, prediction_loss
-
-    target = torch.zeros(1, 4, 4, 4)
-    target[0, :2] = 1
-    logits = torch.full((1, 1, 4, 4, 4), -5.0)
-    logits[0, 0, 0] = 1.0
-    logits[0, 0, 1] = -1.0  # below 0, above a calibrated threshold of -2.25: part of the served mask
-    assert float(hard_iou(logits, target[:, None])) == 0.5
-    assert float(hard_iou(logits, target[:, None], -2.25)) == 1.0
-    says_perfect = torch.ones(1, 1)
-    at_zero, _ = prediction_loss((logits, says_perfect), target)
-    as_served, _ = prediction_loss((logits, says_perfect), target, -2.25)
-    assert float(at_zero - as_served) == pytest.approx(0.25)  # (1 - 0.5)^2 of the IoU head's error, gone
-
-
-def test_training_passes_the_models_own_threshold_to_the_iou_head_when_asked(cases, tmp_path, monkeypatch):
-    import raps3d.training.train as training
-
-    seen, original = [], training.prediction_loss
-
-    def recording(out, target, iou_threshold=0.0):
-        seen.append(iou_threshold)
-        return original(out, target, iou_threshold)
-
-    monkeypatch.setattr(training, "prediction_loss", recording)
-    torch.manual_seed(0)
-    model = build_model("lite")
-    model.mask_threshold.fill_(-2.25)
-    train(model, cases, tmp_path / "a.pt", TrainConfig(steps=1, batch_size=2, save_every=1))
-    assert seen and set(seen) == {0.0}  # the default: masks cut at logit 0, as every earlier stage trained
-    seen.clear()
-    train(model, cases, tmp_path / "b.pt", TrainConfig(steps=1, batch_size=2, save_every=1, iou_threshold=None))
-    assert seen and set(seen) == {-2.25}

@@ -80,9 +80,6 @@ def main(argv=None) -> None:
                    help="learning-rate factor of layers the --init checkpoint lacks")
     p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
                    help="do not train parameters whose names start with these (e.g. image_encoder.)")
-    p.add_argument("--iou-at-mask-threshold", action="store_true",
-                   help="train the IoU head on masks cut at the model's mask threshold (where the served mask is "
-                        "cut) instead of at logit 0")
     p.add_argument("--dataset-weights",
                    help="how often each dataset is drawn, as name=weight pairs; datasets left out are not drawn "
                         "(default: " + ",".join(f"{k}={v}" for k, v in DATASET_WEIGHTS.items()) + ")")
@@ -133,7 +130,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                       seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction,
                       bf16=args.bf16, fresh_lr_scale=args.fresh_lr_scale,
-                      freeze=tuple(args.freeze), iou_threshold=None if args.iou_at_mask_threshold else 0.0)
+                      freeze=tuple(args.freeze))
     meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
                  dataset_weights=weights, meta=meta, keep_resume_state=True, fresh=fresh)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)

@@ -49,9 +49,6 @@ class TrainConfig:
     bf16: bool = False  # forward pass under bfloat16 autocast (faster on GPUs that have it); weights stay fp32
     fresh_lr_scale: float = 10.0  # learning rate factor of parameters new to a fine-tuned model (train's fresh)
     freeze: tuple[str, ...] = ()  # parameters whose names start with one of these are not trained
-    # The IoU head learns the IoU of each output's mask cut at this logit; None: at the model's own mask threshold,
-    # where the served mask is cut (the head picks a point's mask by it).
-    iou_threshold: float | None = 0.0
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -63,23 +60,22 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return dice + bce
 
 
-def hard_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    pred = (logits > threshold).flatten(2).float()
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    pred = (logits > 0).flatten(2).float()
     t = target.flatten(2)
     inter = (pred * t).sum(-1)
     union = pred.sum(-1) + t.sum(-1) - inter
     return inter / union.clamp(min=1)
 
 
-def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, iou_threshold: float = 0.0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's rule for several outputs: train only the best one; the IoU head learns every output's real IoU."""
     logits, iou_pred = (x.float() for x in model_out)  # losses in fp32 also under autocast
     t = target[:, None].expand_as(logits).float()
     seg = segmentation_loss(logits, t)
     best = seg.argmin(1)
     rows = torch.arange(len(best))
-    iou_loss = F.mse_loss(iou_pred, hard_iou(logits.detach(), t, iou_threshold))
+    iou_loss = F.mse_loss(iou_pred, hard_iou(logits.detach(), t))
     return seg[rows, best].mean() + iou_loss, logits[rows, best].detach()
 
 
@@ -152,8 +148,8 @@ def _click_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="clicks")
 
 
-def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int,
-               iou_threshold: float = 0.0) -> tuple[torch.Tensor, dict]:
+def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
+               ) -> tuple[torch.Tensor, dict]:
     cfg = model.config
     dev = next(model.parameters()).device
     image = torch.from_numpy(np.stack([s.image for s in samples]))[:, None].to(dev)
@@ -167,8 +163,7 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
             continue
         c, lab = collate_prompts([samples[i].coords for i in idx], [samples[i].labels for i in idx])
         selected = features.map(lambda t: t[idx])
-        loss, best = prediction_loss(model.decode(selected, c.to(dev), lab.to(dev), None, multimask), target[idx],
-                                     iou_threshold)
+        loss, best = prediction_loss(model.decode(selected, c.to(dev), lab.to(dev), None, multimask), target[idx])
         first_loss = first_loss + loss * len(idx) / len(samples)
         logits_prev[idx] = best
     coords = [s.coords.copy() for s in samples]
@@ -191,7 +186,7 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
             feats = features if last else features.map(torch.Tensor.detach)
             out = model.decode(feats, c, lab, logits_prev[:, None], False)
         if last:
-            edit_loss, _ = prediction_loss(out, target, iou_threshold)
+            edit_loss, _ = prediction_loss(out, target)
         else:
             logits_prev = out[0][:, 0].detach()
     return first_loss + edit_loss, {"first": float(first_loss.detach()), "edit": float(edit_loss.detach()),
@@ -306,7 +301,6 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    iou_threshold = float(model.mask_threshold) if cfg.iou_threshold is None else cfg.iou_threshold
     meta = dict(meta or {})
     lead = rank == 0
     device_type = next(model.parameters()).device.type
@@ -318,7 +312,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         samples = next(batches)
         waited += time.perf_counter() - t_wait
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, info = train_step(model, samples, rng, cfg.max_clicks, iou_threshold)
+            loss, info = train_step(model, samples, rng, cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_gradients(model, world)
