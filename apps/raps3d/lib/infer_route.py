@@ -43,7 +43,10 @@ def raps3d_infer(
         # was sent: a refused request's uploads (a whole CT, say) would stay in the temporary folder for good.
         for task in background_tasks.tasks:
             if task.func is remove_file:
-                task.func(*task.args, **task.kwargs)
+                try:
+                    task.func(*task.args, **task.kwargs)
+                except OSError as e:  # the client still gets the request's own error
+                    logger.warning(f"could not remove an upload of a refused request: {e}")
         raise
 
 
