@@ -5,7 +5,7 @@ from scipy import ndimage
 
 from raps3d.geometry import Box, resample_box
 from raps3d.modeling import build_model
-from raps3d.training.data import Case, Structure, openkbp_cases, split_dose_levels
+from raps3d.training.data import Case, Structure, label_structures, openkbp_cases, split_dose_levels
 from raps3d.training.sampling import augmented_hu_range, compact_volume, make_sample
 
 from library_fixtures import real_ct
@@ -98,3 +98,21 @@ def test_wide_volumes_are_kept_as_int16_without_changing_what_training_sees():
             assert np.abs(a.image - b.image).max() <= 0.5 / 1350 + 1e-6
     int16 = np.zeros((4, 4, 4), np.int16)
     assert compact_volume(int16) is int16  # a CT's own type is kept as it is
+
+
+def test_label_maps_become_one_structure_per_value_however_they_are_stored():
+    rng = np.random.default_rng(0)
+    label = np.zeros((20, 30, 40), np.int64)
+    label[2:9, 3:12, 5:30] = 1
+    label[10:18, 20:28, 1:6] = 4  # values need not be consecutive
+    label[rng.random(label.shape) < 0.002] = 7  # scattered voxels: a box that spans the volume
+    label[0, 0, 0] = 300
+    expected = {v: label == v for v in (1, 4, 7, 300)}
+    for stored in (label.astype(np.uint16), label.astype(np.int32), label, label.astype(np.float32),
+                   np.where(label == 300, -1, label)):  # a negative value is read value by value
+        structures = label_structures(stored)
+        names = {float(v) for v in structures}
+        assert names == ({1.0, 4.0, 7.0, -1.0} if stored.min() < 0 else {1.0, 4.0, 7.0, 300.0}), stored.dtype
+        for value, structure in structures.items():
+            mask = expected[300 if value == -1 else int(value)]
+            assert np.array_equal(structure.full(), mask) and structure.crop.shape == Structure.from_mask(mask).crop.shape

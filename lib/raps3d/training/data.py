@@ -93,6 +93,15 @@ class Structure:
         return interpolate_taps(block, weights)
 
 
+def label_structures(label: np.ndarray) -> dict:
+    """{value: Structure} of each non-zero value of a label map. A map of whole numbers from 0 is read once (every
+    value's bounding box in one pass, then each value's mask inside its box only); other maps value by value."""
+    if label.dtype.kind in "iu" and label.size and 0 <= label.min() and label.max() <= 65535:
+        return {value: Structure(tuple(s.start for s in bounds), label[bounds] == value, label.shape)
+                for value, bounds in enumerate(ndimage.find_objects(label), start=1) if bounds is not None}
+    return {value: Structure.from_mask(label == value) for value in np.unique(label) if value != 0}
+
+
 @dataclass
 class Case:
     """One CT volume (z, y, x) with its structures as {name: Structure}; full binary masks (z, y, x) given here are

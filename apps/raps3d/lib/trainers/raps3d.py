@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from raps3d import ImageError, check_volume, load_model, save_model
 from raps3d.modeling import build_model
-from raps3d.training.data import Case, Structure
+from raps3d.training.data import Case, label_structures
 from raps3d.training.sampling import compact_volume
 from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
@@ -94,9 +94,7 @@ class Raps3DTrain(TrainTask):
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
                 continue
-            # One full-size mask at a time: only each label's bounding box is kept.
-            structures = {f"label_{v}": Structure.from_mask(label == v) for v in np.unique(label) if v != 0}
-            structures = {k: s for k, s in structures.items() if s.count >= MIN_VOXELS}
+            structures = {f"label_{v}": s for v, s in label_structures(label).items() if s.count >= MIN_VOXELS}
             if structures:
                 cases.append(Case(name, "datastore", compact_volume(volume), geometry.spacing[::-1], structures))
             del volume, label  # before the next image is read: one image's full-size arrays at a time
