@@ -115,4 +115,5 @@ def test_label_maps_become_one_structure_per_value_however_they_are_stored():
         assert names == ({1.0, 4.0, 7.0, -1.0} if stored.min() < 0 else {1.0, 4.0, 7.0, 300.0}), stored.dtype
         for value, structure in structures.items():
             mask = expected[300 if value == -1 else int(value)]
-            assert np.array_equal(structure.full(), mask) and structure.crop.shape == Structure.from_mask(mask).crop.shape
+            assert np.array_equal(structure.full(), mask)
+            assert structure.crop.shape == Structure.from_mask(mask).crop.shape  # the value's own box
