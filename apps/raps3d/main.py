@@ -23,10 +23,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import dicomweb, infer_route, ohif, train_route
+from lib import datastore_route, dicomweb, infer_route, ohif, train_route
 from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
+from lib.routes import check_plain_name
 from lib.trainers.raps3d import Raps3DTrain
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Raps3DApp(MONAILabelApp):
         # MONAI Label replaces the image id by its path (or by "" when unknown): keep the id for messages.
         request = dict(request)
         request["image_id"] = request.get("image")
+        if request.get("save_label"):  # MONAI Label then saves the result under labels/<label_tag>/
+            check_plain_name(request.get("label_tag", "original"), "label_tag")
         store = datastore or self.datastore()
         image = request.get("image")
         if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
@@ -103,6 +106,10 @@ class Raps3DApp(MONAILabelApp):
             infer_route.install()  # one user's long request no longer holds up everyone else's
         except Exception:
             logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
+        try:
+            datastore_route.install()  # an uploaded label or image stays inside the datastore
+        except Exception:
+            logger.exception("Raps-3D: could not install the checked upload routes; left to MONAI Label")
         try:
             # A mistyped training option: a 400 at once, not a run that fails later.
             train_route.install({k: t for k, t in self._trainers.items() if isinstance(t, Raps3DTrain)})

@@ -1,28 +1,58 @@
-"""MONAI Label's infer route, run in a worker thread instead of on the server's event loop.
+"""MONAI Label's infer route, run in a worker thread instead of on the server's event loop, and only on the
+datastore's images.
 
 MONAI Label 0.8.5 declares ``POST /infer/{model}`` as a coroutine that runs the whole request inline: while one
 image is opened, segmented and its label written, the event loop serves nothing else, so another annotator's edit,
 ``/info`` and OHIF's proxied image requests all wait behind it. The same endpoint declared as a plain function is run
 by FastAPI in its thread pool. The app's sessions are thread safe and the model's forward passes take turns (the
 engine's lock), so other requests are served while one runs.
+
+MONAI Label also takes an ``image`` that names an existing path on the server (``/etc/...``, a folder of someone
+else's DICOM) as that file, and lets ``params`` replace the image; both are refused here, so a client reads only the
+datastore's images and its own uploads.
+
 The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles; a refused
 request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder).
 """
 
+import json
 import logging
+import os
 from typing import Optional
 
-from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
 from monailabel.config import settings
-from monailabel.endpoints.infer import ResultType, remove_file, run_inference
+from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
 
-from .routes import put_first
+from .routes import put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
 
 ROUTE_NAME = "raps3d_infer_threaded"
+
+
+def check_image_id(image: str, known_ids) -> None:
+    """A 404 when ``image`` is not one of the datastore's ids but MONAI Label would open it as a path. ``known_ids``
+    (a callable) is asked only then: plain ids that name no file are left to the infer task."""
+    if image and ("/" in image or "\\" in image or os.path.exists(image)) and image not in known_ids():
+        raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore")
+
+
+def checked_params(params: str, image: str, uploaded: bool) -> None:
+    """A 400 for ``params`` that are not a JSON object, or that name another image than the request's (MONAI Label
+    lets them replace it)."""
+    try:
+        values = json.loads(params) if params else {}
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise HTTPException(status_code=400, detail="params must be a JSON object")
+    if "image" in values and (uploaded or values["image"] != image):
+        raise HTTPException(status_code=400, detail="the image goes in the request's 'image' (or as an uploaded "
+                                                    "file), not in params")
 
 
 def raps3d_infer(
@@ -36,17 +66,13 @@ def raps3d_infer(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
+    checked_params(params, image, file is not None)
+    if file is None:
+        check_image_id(image, lambda: set(app_instance().datastore().list_images()))
     try:
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
     except BaseException:
-        # MONAI Label queues the removal of uploaded files as background tasks, which run only after a response
-        # was sent: a refused request's uploads (a whole CT, say) would stay in the temporary folder for good.
-        for task in background_tasks.tasks:
-            if task.func is remove_file:
-                try:
-                    task.func(*task.args, **task.kwargs)
-                except OSError as e:  # the client still gets the request's own error
-                    logger.warning(f"could not remove an upload of a refused request: {e}")
+        remove_uploads(background_tasks)
         raise
 
 

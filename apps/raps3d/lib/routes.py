@@ -1,6 +1,13 @@
-"""Routes the app places before MONAI Label's own, in MONAI Label's FastAPI app (FastAPI takes the first match)."""
+"""Routes the app places before MONAI Label's own, in MONAI Label's FastAPI app (FastAPI takes the first match), and
+what they share."""
 
+import logging
+
+from fastapi import BackgroundTasks, HTTPException
 from fastapi.routing import APIRoute
+from monailabel.utils.others.generic import remove_file
+
+logger = logging.getLogger(__name__)
 
 
 def put_first(route: APIRoute, fastapi_app=None) -> bool:
@@ -11,3 +18,23 @@ def put_first(route: APIRoute, fastapi_app=None) -> bool:
         return False
     fastapi_app.router.routes.insert(0, route)
     return True
+
+
+def check_plain_name(value, what: str) -> None:
+    """A 400 unless ``value`` is a name a datastore may turn into a file or folder name: MONAI Label's local
+    datastore joins image ids and label tags into paths unchecked (``tag=../../x`` would write outside it)."""
+    if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise HTTPException(status_code=400, detail=f"{what} must be a plain name (no '/', '\\' or '..'), "
+                                                    f"got {str(value)[:80]!r}")
+
+
+def remove_uploads(background_tasks: BackgroundTasks) -> None:
+    """Removes now the uploads a refused request queued for removal: MONAI Label queues that as background tasks,
+    which run only after a successful response, so a refused request's upload (a whole CT, say) would stay in the
+    temporary folder for good."""
+    for task in background_tasks.tasks:
+        if task.func is remove_file:
+            try:
+                task.func(*task.args, **task.kwargs)
+            except OSError as e:  # the client still gets the request's own error
+                logger.warning(f"could not remove an upload of a refused request: {e}")

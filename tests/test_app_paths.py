@@ -1,0 +1,110 @@
+"""A client reaches only the datastore: image ids and label tags cannot name files elsewhere on the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import requests
+
+from conftest import SAMPLE_IMAGES
+
+IMAGE = "phantom_03"
+CLICK = [80, 64, 24]
+
+
+@pytest.fixture(scope="module")
+def outside_ct(server):
+    """A real CT on the server's disk, beside the datastore but not in it."""
+    folder = server.log.parent / "outside"
+    folder.mkdir(exist_ok=True)
+    path = folder / "secret_ct.nii.gz"
+    shutil.copy(SAMPLE_IMAGES / f"{IMAGE}.nii.gz", path)
+    return path
+
+
+def test_infer_refuses_paths_as_images(server, outside_ct):
+    work = server.log.parent  # the server's working folder
+    for image in (str(outside_ct), "outside/secret_ct.nii.gz", str(server.image_path(IMAGE)),
+                  f"studies/{IMAGE}.nii.gz", str(work / "no_such_file.nii.gz"), "/etc"):
+        r = server.infer(image, {"foreground": [CLICK]})
+        assert r.status_code == 404, (image, r.text)
+        # The same answer whether or not the path exists: nothing is learnt of the server's files.
+        assert r.json()["detail"] == f"image {image!r} is not in the datastore"
+    assert server.infer(IMAGE, {"foreground": [CLICK]}).status_code == 200
+
+
+def test_params_cannot_replace_the_image(server, outside_ct):
+    r = server.infer(IMAGE, {"foreground": [CLICK], "image": str(outside_ct)})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "the image goes in the request's 'image' (or as an uploaded file), not in params"
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    files = {"file": ("upload.nii.gz", ct, "application/octet-stream")}
+    r = server.infer("", {"foreground": [CLICK], "image": str(outside_ct)}, files=files)
+    assert r.status_code == 400, r.text
+    assert server.infer(IMAGE, {"foreground": [CLICK], "image": IMAGE}).status_code == 200  # the same image: fine
+
+
+@pytest.mark.parametrize("params,detail", [
+    ("{not json", "params is not valid JSON"),
+    ("[1, 2]", "params must be a JSON object"),
+])
+def test_params_that_are_not_a_json_object_are_400(server, params, detail):
+    r = requests.post(f"{server.url}/infer/raps3d", params={"image": IMAGE}, data={"params": params}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith(detail)
+
+
+def test_an_inferred_label_is_saved_only_under_a_plain_tag(server):
+    escape = server.log.parent / "escaped"
+    r = server.infer(IMAGE, {"foreground": [CLICK], "save_label": True, "label_tag": "../../escaped"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "label_tag must be a plain name (no '/', '\\' or '..'), got '../../escaped'"
+    assert not escape.exists()
+    assert not (server.studies / "labels" / "../../escaped").exists()
+
+
+@pytest.mark.parametrize("query,detail", [
+    ({"image": IMAGE, "tag": "../../escaped"}, "the label tag must be a plain name"),
+    ({"image": IMAGE, "tag": "final/../../../escaped"}, "the label tag must be a plain name"),
+    ({"image": IMAGE, "tag": ".."}, "the label tag must be a plain name"),
+    ({"image": "../escaped", "tag": "final"}, "the image id must be a plain name"),
+])
+def test_a_label_upload_stays_inside_the_datastore(server, query, detail):
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    files = {"label": ("escaped", b"ssh-ed25519 AAAA not a label", "application/octet-stream")}
+    r = requests.put(f"{server.url}/datastore/label", params=query, files=files, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith(detail)
+    work = server.log.parent
+    assert not list(work.glob("escaped*")) and not list(work.parent.glob("escaped*"))
+    assert set(scratch.iterdir()) == before
+    datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()
+    assert not datastore["objects"][IMAGE]["labels"], "nothing was recorded for the image"
+
+
+def test_a_label_for_an_unknown_image_is_404_and_leaves_no_upload(server):
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    files = {"label": ("label.nii.gz", (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes(), "application/octet-stream")}
+    r = requests.put(f"{server.url}/datastore/label", params={"image": "no_such_image", "tag": "final"},
+                     files=files, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"] == "image 'no_such_image' is not in the datastore"
+    assert set(scratch.iterdir()) == before
+
+
+@pytest.mark.parametrize("route", ["/datastore/", "/datastore/image"])
+def test_an_image_upload_stays_inside_the_datastore(server, route):
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    for image in ("../escaped", "/tmp/escaped", "a\\..\\..\\escaped"):
+        files = {"file": ("upload.nii.gz", ct, "application/octet-stream")}
+        r = requests.put(f"{server.url}{route}", params={"image": image}, files=files,
+                         data={"params": json.dumps({})}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == f"the image id must be a plain name (no '/', '\\' or '..'), got {image!r}"
+    work = server.log.parent
+    assert not list(work.glob("escaped*")) and not list(server.studies.glob("*escaped*"))
+    assert image not in requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
