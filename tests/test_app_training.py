@@ -181,7 +181,8 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
     # A mistyped option is refused before anything starts.
     runs = len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json())
     for params, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
-                            ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'")]:
+                            ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'"),
+                            ({"batch_size": 512}, "batch_size must be from 1 to 64, got 512")]:
         r = requests.post(f"{srv.url}/train/raps3d", json=params, timeout=60)
         assert r.status_code == 400 and r.json()["detail"] == message, r.text
     assert len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json()) == runs

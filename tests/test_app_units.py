@@ -591,7 +591,9 @@ def test_training_options_are_checked_and_typed():
         assert training_options({"freeze_image_encoder": raw}, defaults)["freeze_image_encoder"] is value
     for request, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
                              ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
-                             ({"steps": 0}, "steps must be at least 1, got 0"),
+                             ({"steps": 0}, "steps must be from 1 to 100000, got 0"),
+                             ({"steps": 1e12}, "steps must be from 1 to 100000, got 1000000000000.0"),
+                             ({"batch_size": 512}, "batch_size must be from 1 to 64, got 512"),
                              ({"batch_size": True}, "batch_size must be a whole number, got True"),
                              ({"lr": float("nan")}, "lr must be a number, got nan"),
                              ({"val_split": 1}, "val_split must be from 0.0 to 0.9, got 1"),

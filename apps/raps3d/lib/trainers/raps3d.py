@@ -174,6 +174,10 @@ class Raps3DTrain(TrainTask):
 
 PUBLISH_CHOICES = ("if_better", "always", "never")
 MAX_SEED = 2**31 - 1  # torch's seed overflows from 2**63, and a float (JSON) holds whole numbers exactly up to 2**53
+# Upper bounds catch typos (steps 1e12, a batch of 512) that would run for months or exhaust the memory: 100,000
+# steps of batch 16 take about 11 hours on a GPU, and 64 is four times the largest batch trained so far.
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 64
 FROZEN = ("image_encoder.",)  # parameter name prefixes that freeze_image_encoder keeps fixed
 
 
@@ -195,7 +199,7 @@ def training_options(request: dict, defaults: dict) -> dict:
                              + f", got {raw!r}")
         return int(value) if kind is int else value
 
-    out = {"steps": number("steps", int, 1), "batch_size": number("batch_size", int, 1),
+    out = {"steps": number("steps", int, 1, MAX_STEPS), "batch_size": number("batch_size", int, 1, MAX_BATCH_SIZE),
            "lr": number("lr", float, 1e-12, 1.0), "val_split": number("val_split", float, 0.0, 0.9),
            "seed": number("seed", int, 0, MAX_SEED), "publish": cfg["publish"],
            "freeze_image_encoder": flag("freeze_image_encoder", cfg["freeze_image_encoder"])}
