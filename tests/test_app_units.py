@@ -386,6 +386,10 @@ def test_a_label_on_its_own_grid_is_put_on_the_image_grid(tmp_path):
     sitk.WriteImage(part, str(tmp_path / "outside.nii.gz"))
     with pytest.raises(ImageReadError, match="lies outside its image"):
         read_label_on_grid(str(tmp_path / "outside.nii.gz"), geometry)
+    # A label file is named as its image is: the message says it is the label that could not be read.
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"not a label")
+    with pytest.raises(ImageReadError, match=r"^cannot read 'corrupt.nii.gz' as a label map: "):
+        read_label_on_grid(str(tmp_path / "corrupt.nii.gz"), geometry)
 
 
 def test_a_dicom_series_folder_reads_like_its_nifti():

@@ -171,7 +171,7 @@ def _is_empty(label_file: str) -> bool:
     if label_file.endswith(".bin"):
         return not np.fromfile(label_file, dtype=np.uint8).any()
     try:
-        check_size_and_data_file(label_file)
+        check_size_and_data_file(label_file, "a label map")
     except ImageReadError as e:
         raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
     try:

@@ -115,9 +115,10 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
         raise ImageReadError(f"the image is {dimension}D (size {list(size)}); Raps-3D segments 3D CT volumes")
 
 
-def check_size_and_data_file(path: str) -> None:
+def check_size_and_data_file(path: str, what: str = "an image") -> None:
     """Refuses, before any voxel is read, an image larger than MAX_VOXELS and a header whose data file lies
-    elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``)."""
+    elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``). ``what`` the file should
+    be, for messages."""
     if os.path.isdir(path):
         return  # a DICOM series: as large as its files
     if path.lower().endswith((".nrrd", ".nhdr", ".mhd", ".mha")):
@@ -136,7 +137,7 @@ def check_size_and_data_file(path: str) -> None:
                                                          or ".." in target.replace("\\", "/").split("/"))):
                 raise ImageReadError(f"{os.path.basename(path)!r} names a data file outside its folder "
                                      f"({target[:80]!r}); send the image with its data")
-    size = read_geometry(path).size
+    size = read_geometry(path, what).size
     voxels = int(np.prod(size, dtype=np.int64))
     if voxels > MAX_VOXELS:
         raise ImageReadError(f"{os.path.basename(path)!r} is {' x '.join(map(str, size))} = {voxels:,} voxels, more "
@@ -199,7 +200,7 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
     """A label map (z, y, x) on the voxel grid of the image with ``geometry``: resampled (nearest neighbour, 0
     outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices).
     Refused like an image when larger than MAX_VOXELS or naming a data file elsewhere."""
-    check_size_and_data_file(path)
+    check_size_and_data_file(path, "a label map")  # its name is the image's: say which file failed
     try:
         label = sitk.ReadImage(path)
     except RuntimeError as e:
@@ -216,14 +217,14 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
     return sitk.GetArrayFromImage(label)
 
 
-def read_geometry(path: str) -> Geometry:
+def read_geometry(path: str, what: str = "an image") -> Geometry:
     """The geometry alone (reads only the header of a file)."""
     try:
         series = series_headers(path) if os.path.isdir(path) else []
         info = _read_sitk(path, header_only=True,
                           series_uid=str(series[0].get("SeriesInstanceUID", "")) if series else None)
     except RuntimeError as e:
-        raise ImageReadError(f"cannot read {os.path.basename(path)!r} as an image: {_itk_reason(e, path)}") from None
+        raise ImageReadError(f"cannot read {os.path.basename(path)!r} as {what}: {_itk_reason(e, path)}") from None
     if isinstance(info, sitk.Image):
         return Geometry.of(info)
     return Geometry(tuple(int(n) for n in info.GetSize()), tuple(float(s) for s in info.GetSpacing()),
