@@ -75,6 +75,12 @@ def test_box_from_extent_min_size_and_clipping():
         Box((0, 0, 0), (0, 1, 1))
 
 
+def test_a_point_lies_in_a_box_when_its_voxel_does():
+    box = Box((2, 2, 2), (5, 5, 5))  # voxels 2..4: from 1.5 to 4.5
+    assert box.contains((4.49, 3, 3)) and box.contains((1.5, 3, 3)) and box.contains((2, 4, 4))
+    assert not box.contains((4.5, 3, 3)) and not box.contains((1.49, 3, 3)) and not box.contains((3, 3, 5))
+
+
 def test_logits_to_box_equals_trilinear_interpolation():
     logits = torch.randn(8, 16, 12)
     ours = logits_to_box(logits, (37, 50, 29))

@@ -58,6 +58,21 @@ def test_edit_inside_roi_reuses_features_and_outside_expands(ct):
     assert len(obj.prompts.points) == 3
 
 
+def test_a_background_click_outside_the_region_changes_nothing(shipped_ct, monkeypatch):
+    obj = InteractiveObject(shipped_ct)
+    first = obj.add_point((56, 50, 60))
+    far = (5, 95, 118)
+    assert not first.roi.contains(far) and first.mask_roi.any()
+    regions = encoded_regions(shipped_ct.engine, monkeypatch)
+    stray = obj.add_point(far, positive=False)
+    # The mask is zero there already: the region keeps its resolution and the mask stays as it was.
+    assert stray.roi == first.roi and stray.cache_hit and not regions
+    np.testing.assert_array_equal(stray.full_mask(), first.full_mask())
+    assert obj.prompts.points[-1] == (far, False)  # kept: it counts once a positive click grows the region to it
+    np.testing.assert_array_equal(obj.undo().full_mask(), first.full_mask())
+    assert len(obj.prompts.points) == 1
+
+
 def test_a_viewers_buffer_is_brought_up_to_date_from_the_changed_box():
     image = open_image(untrained_engine(3), synthetic_volume())  # random weights: masks that are not empty
     obj = InteractiveObject(image)

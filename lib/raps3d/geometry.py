@@ -44,7 +44,8 @@ class Box:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
 
     def contains(self, point_zyx: Sequence[float]) -> bool:
-        return all(a <= p < b for p, a, b in zip(point_zyx, self.start, self.stop))
+        """Whether the voxel holding the point (voxel i spans i - 0.5 to i + 0.5) lies in the box."""
+        return all(a <= np.floor(p + 0.5) < b for p, a, b in zip(point_zyx, self.start, self.stop))
 
     def union(self, other: "Box") -> "Box":
         return Box(tuple(map(min, self.start, other.start)), tuple(map(max, self.stop, other.stop)))

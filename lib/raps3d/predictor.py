@@ -6,8 +6,9 @@ A first prompt runs the zoom-out pass (the whole volume resized to the network i
 from its mask, and runs the zoom-in pass on that region. When the zoom-out mask misses the prompt (a structure too
 small for the whole-volume view), an intermediate pass on a cube around the prompt sets the region instead. Each
 later point is an edit: it is decoded together with all earlier prompts and the current mask. An edit inside the
-zoom-in region reuses that region's image features (decoder only); an edit outside grows the region, encodes once
-more, and continues from the current mask.
+zoom-in region reuses that region's image features (decoder only); a positive point outside grows the region,
+encodes once more, and continues from the current mask. A negative point outside the region is kept but changes
+nothing: the mask is zero there already.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class Prompts:
             labels = [BOX_MIN, BOX_MAX] + labels
         return np.asarray(coords, dtype=np.float64).reshape(-1, 3), np.asarray(labels, dtype=np.int64)
 
+    def in_frame(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder's input for ``frame``: coordinates in the frame and labels. Negative points outside the frame
+        are left out: the mask is zero there anyway, and the network never saw a point outside its view."""
+        coords, labels = self.coords_labels()
+        keep = np.array([label != NEGATIVE or frame.box.contains(c) for c, label in zip(coords, labels)], dtype=bool)
+        return frame.to_frame(coords[keep].reshape(-1, 3)), labels[keep]
+
     @property
     def ambiguous(self) -> bool:
         """One point alone is ambiguous (part or whole?): the decoder then returns several masks."""
@@ -204,7 +212,7 @@ class InteractiveObject:
                     raise PromptError("the first prompt of an object must be a positive point or a box")
                 state = self._first_prediction(prompts)
             else:
-                state = self._edit(old, prompts, np.array([p for p, _ in new_points]))
+                state = self._edit(old, prompts, new_points)
             self._history.append(old.without_mask())
             self._state = state
             return state.result
@@ -287,7 +295,7 @@ class InteractiveObject:
         feats, zoom_out_cached = image.zoom_out_features()
         t1 = time.perf_counter()
         coarse_frame = image.frame
-        coarse, _ = self.engine.decode(feats, coarse_frame.to_frame(coords), labels, None, prompts.ambiguous)
+        coarse, _ = self.engine.decode(feats, *prompts.in_frame(coarse_frame), None, prompts.ambiguous)
         positive = coords[labels != NEGATIVE]
         seeds = positive
         if prompts.box is not None:
@@ -298,7 +306,7 @@ class InteractiveObject:
         mid_frame = None if mask_covers(coarse.numpy(), coarse_frame, seeds) else self._mid_frame(seeds)
         if mid_frame is not None:
             mid_feats = self.engine.encode(image.volume, mid_frame)
-            coarse, _ = self.engine.decode(mid_feats, mid_frame.to_frame(coords), labels, None, prompts.ambiguous)
+            coarse, _ = self.engine.decode(mid_feats, *prompts.in_frame(mid_frame), None, prompts.ambiguous)
             coarse_frame = mid_frame
         t3 = time.perf_counter()
         if prompts.box is not None and len(prompts.points) == 0:
@@ -314,7 +322,7 @@ class InteractiveObject:
         self._features.clear()
         feats_in, _ = self._roi_features(frame)
         t4 = time.perf_counter()
-        logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
+        logits, iou = self.engine.decode(feats_in, *prompts.in_frame(frame), None, prompts.ambiguous)
         if prompts.box is None:
             # A point says nothing of size: when the zoom-in mask fills only a small part of a region found by a
             # coarse zoom-out mask, look once more, closer (the region shrinks to that mask plus its margin).
@@ -323,7 +331,7 @@ class InteractiveObject:
             if np.prod(tight.size) < TIGHTEN_RATIO * np.prod(roi.size) and frame.box.contains_box(tight):
                 roi, frame = tight, Frame(tight, self.engine.config.input_shape)
                 feats_in, _ = self._roi_features(frame)
-                logits, iou = self.engine.decode(feats_in, frame.to_frame(coords), labels, None, prompts.ambiguous)
+                logits, iou = self.engine.decode(feats_in, *prompts.in_frame(frame), None, prompts.ambiguous)
         result = self._result(frame, logits, iou, changed=roi if self._state.frame is None
                               else roi.union(self._state.frame.box), cache_hit=False)
         t5 = time.perf_counter()
@@ -349,20 +357,26 @@ class InteractiveObject:
         nz = self.image.shape[0]
         return Box((max(box.z - dz, 0), box.y0, box.x0), (min(box.z + dz + 1, nz), box.y1 + 1, box.x1 + 1))
 
-    def _edit(self, old: _State, prompts: Prompts, new_points: np.ndarray) -> _State:
+    def _edit(self, old: _State, prompts: Prompts, new_points: tuple) -> _State:
         t0 = time.perf_counter()
         frame = old.frame
         prev_logits = old.logits
-        inside = all(frame.box.contains(p) for p in new_points)
-        if not inside:
-            roi = expand_roi(frame.box, new_points, self.image.spacing, self.image.shape)
+        if not any(pos or frame.box.contains(p) for p, pos in new_points):
+            # Only background clicks where the mask is zero already: nothing to decode, and growing the region for
+            # them would trade resolution for nothing.
+            result = self._result(frame, prev_logits, old.result.iou, changed=frame.box, cache_hit=True)
+            result.timings = {"encode": 0.0, "decode_paste": time.perf_counter() - t0,
+                              "total": time.perf_counter() - t0}
+            return _State(prompts, frame, prev_logits, result)
+        outside = np.array([p for p, pos in new_points if pos and not frame.box.contains(p)]).reshape(-1, 3)
+        if len(outside):
+            roi = expand_roi(frame.box, outside, self.image.spacing, self.image.shape)
             new_frame = Frame(roi, frame.shape)
             prev_logits = remap_logits(prev_logits, frame, new_frame)
             frame = new_frame
         feats, cache_hit = self._roi_features(frame)
         t1 = time.perf_counter()
-        coords, labels = prompts.coords_labels()
-        logits, iou = self.engine.decode(feats, frame.to_frame(coords), labels, prev_logits, False)
+        logits, iou = self.engine.decode(feats, *prompts.in_frame(frame), prev_logits, False)
         result = self._result(frame, logits, iou, changed=frame.box.union(old.frame.box), cache_hit=cache_hit)
         t2 = time.perf_counter()
         result.timings = {"encode": t1 - t0, "decode_paste": t2 - t1, "total": t2 - t0}
