@@ -110,6 +110,25 @@ def test_undo_restores_previous_state_and_reset_clears(shipped_ct):
     assert obj.result is None and obj.prompts.points == ()
 
 
+def test_an_undo_that_fails_loses_no_step(ct, monkeypatch):
+    import raps3d.predictor as predictor
+
+    obj = InteractiveObject(ct)
+    for point in ((56, 50, 60), (57, 51, 60), (58, 50, 61)):
+        obj.add_point(point)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for the mask")
+
+    with monkeypatch.context() as m:
+        m.setattr(predictor, "logits_to_mask", out_of_memory)
+        with pytest.raises(MemoryError):
+            obj.undo()
+    assert len(obj.prompts.points) == 3
+    obj.undo()
+    assert len(obj.prompts.points) == 2
+
+
 def test_undo_reaches_back_a_bounded_number_of_steps(shipped_ct):
     obj = InteractiveObject(shipped_ct)
     results = [obj.add_point((56, 50, 60))]

@@ -223,11 +223,12 @@ class InteractiveObject:
             if not self._history:
                 raise PromptError("nothing to undo")
             current = self._state
-            state = self._history.pop()
+            state = self._history[-1]
             result = None
             if state.logits is not None:
                 changed = state.frame.box if current.result is None else current.result.roi.union(state.frame.box)
                 result = self._result(state.frame, state.logits, state.iou, changed, cache_hit=True)
+            self._history.pop()  # only now: a failure above (out of memory) leaves the step to undo again
             self._state = replace(state, result=result)
             return result
 
