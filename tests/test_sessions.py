@@ -73,6 +73,21 @@ def test_idle_sessions_expire(engine):
     assert not store.is_open("img")
 
 
+def test_an_image_whose_object_is_being_edited_stays_open(engine):
+    store = SessionStore(engine, max_images=2, idle_seconds=1.0)
+    key = ("u", "img", "o")
+    store.new_object(key, store.image("img", loader(2))).add_point((10, 20, 20))
+    for _ in range(3):  # requests for the object alone, each within the idle time, together longer than it
+        time.sleep(0.4)
+        store.get_object(key)
+    assert store.is_open("img")
+    store.image("other", loader(3))
+    store.get_object(key).add_point((11, 21, 21))  # the image being edited is now the most recently used ...
+    store.image("third", loader(4))  # ... so the other one makes room
+    assert store.is_open("img") and not store.is_open("other")
+    assert len(store.get_object(key).prompts.points) == 2
+
+
 def test_concurrent_requests_load_once_and_keep_objects_apart(engine):
     store = SessionStore(engine)
     loads = []

@@ -90,6 +90,12 @@ class SessionStore:
                 raise SessionError(f"no interaction session for client {key[0]!r}, image {key[1]!r}, object "
                                    f"{key[2]!r}: it never existed or has expired; start with a first prompt")
             self._objects.move_to_end(key)
+            # Editing an object uses its image: neither may expire, nor be evicted first, while the other is in use.
+            obj.image.last_used = obj.last_used = time.monotonic()
+            for image_key, state in self._images.items():
+                if state is obj.image:
+                    self._images.move_to_end(image_key)
+                    break
             return obj
 
     def find_object(self, key: ObjectKey) -> InteractiveObject | None:
