@@ -1,4 +1,5 @@
-"""A client reaches only the datastore: image ids and label tags cannot name files elsewhere on the server."""
+"""A client reaches only the datastore (image ids and label tags cannot name files elsewhere on the server), and a
+label saved there is one training can read."""
 
 from __future__ import annotations
 
@@ -108,3 +109,43 @@ def test_an_image_upload_stays_inside_the_datastore(server, route):
     work = server.log.parent
     assert not list(work.glob("escaped*")) and not list(server.studies.glob("*escaped*"))
     assert image not in requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+
+
+def label_bytes(array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> bytes:
+    import tempfile
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.asarray(array, np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    with tempfile.TemporaryDirectory() as folder:
+        sitk.WriteImage(image, f"{folder}/label.nii.gz")
+        with open(f"{folder}/label.nii.gz", "rb") as f:
+            return f.read()
+
+
+def test_a_label_that_training_could_not_read_is_422_and_not_saved(server):
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct = sitk.ReadImage(str(server.image_path(IMAGE)))
+    far = [o + 10000.0 for o in ct.GetOrigin()]
+    cases = [
+        (b"not a label", "label.nii.gz", "the label cannot be saved: cannot read 'label.nii.gz' as a label map"),
+        (b"ssh-ed25519 AAAA", "authorized_keys", "the label cannot be saved: cannot read 'label' as a label map"),
+        (label_bytes(np.ones((1, 8, 8))[0]), "flat.nii.gz", "is not a 3D label map"),
+        (label_bytes(np.ones((4, 8, 8)), origin=far), "far.nii.gz", "lies outside its image"),
+    ]
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    for content, filename, detail in cases:
+        r = requests.put(f"{server.url}/datastore/label", params={"image": IMAGE, "tag": "final"},
+                         files={"label": (filename, content, "application/octet-stream")}, data={"params": "{}"},
+                         timeout=60)
+        assert r.status_code == 422, r.text
+        assert detail in r.json()["detail"], r.json()
+    assert set(scratch.iterdir()) == before
+    datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()
+    assert not datastore["objects"][IMAGE]["labels"], "nothing was recorded for the image"

@@ -3,21 +3,28 @@
 MONAI Label 0.8.5's local datastore joins both into file paths unchecked: ``PUT /datastore/label?tag=../../x`` writes
 the uploaded file outside the datastore, under a name the client picks, and ``PUT /datastore/image?image=../x`` an
 image. Here they must be plain names (400 otherwise), a label must be for an image of the datastore (404, where MONAI
-Label answered 500), and a refused request's upload is removed at once. The saving itself is MONAI Label's
-(``add_image``, ``save_label``), with the same parameters and roles.
+Label answered 500) and a label map that training can read on that image's grid (422: MONAI Label stored any file,
+and the image then counted as done, until a training run skipped it), and a refused request's upload is removed at
+once. The saving itself is MONAI Label's (``add_image``, ``save_label``), with the same parameters and roles.
 """
 
 import logging
+import pathlib
+import shutil
+import tempfile
 from typing import Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints.datastore import add_image, save_label
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.utils.app import app_instance
 
+from .images import ImageReadError, read_geometry, read_label_on_grid
 from .routes import check_plain_name, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,12 @@ async def raps3d_save_label(
     check_plain_name(image, "the image id")
     if tag:  # empty: MONAI Label's default tag, final
         check_plain_name(tag, "the label tag")
+    store = app_instance().datastore()
+    # Over DICOMweb the label becomes a DICOM SEG, whose conversion checks it; reading the image's geometry here
+    # would download the series.
+    image_path = "" if isinstance(store, DICOMWebDatastore) else store.get_image_uri(image)
+    if image_path:
+        check_label(label, image_path)
     try:
         return save_label(background_tasks, image, params, tag, label, user.username)
     except ImageNotFoundException:
@@ -61,6 +74,22 @@ async def raps3d_save_label(
     except BaseException:
         remove_uploads(background_tasks)
         raise
+
+
+def check_label(label: UploadFile, image_path: str) -> None:
+    """A 422 unless the upload reads as a 3D label map on the image's grid (as training reads it); the upload is
+    left as it came, for MONAI Label to save."""
+    # The upload's file type is in its name's suffixes, as MONAI Label takes it (.nii.gz where it has no name).
+    suffixes = "".join(pathlib.Path(label.filename).suffixes) if label.filename else ".nii.gz"
+    with tempfile.TemporaryDirectory() as folder:
+        copy = pathlib.Path(folder) / ("label" + suffixes.replace("\0", "")[-32:])
+        with open(copy, "wb") as out:
+            shutil.copyfileobj(label.file, out)
+        label.file.seek(0)
+        try:
+            read_label_on_grid(str(copy), read_geometry(image_path))
+        except ImageReadError as e:
+            raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
 
 
 def install(fastapi_app=None) -> bool:
