@@ -1,0 +1,61 @@
+"""The paper's protocol on anatomy the shipped model was not trained on: abdominal organs of a CT it never saw.
+
+TotalSegmentator's example DICOM series (Siemens, 20 slices of 2 mm, upper abdomen, JPEG 2000) with its reference
+label map, which is stored with the row axis flipped and is put on the series' grid first. Training saw abdominal
+organs in two volumes only (see model/README.md), so this measures how far the model carries beyond its data. Prints
+mean Dice per structure after the first prompt (a 2D box, a centre point) and after each of 3 corrective clicks.
+
+    python bench/bench_unseen_anatomy.py [--model model/raps3d_lite.pt]
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from raps3d.checkpoint import load_model
+from raps3d.engine import Engine
+from raps3d.predictor import ImageState
+from raps3d.training.data import TOTALSEG_NAMES, data_root
+from raps3d.training.evaluate import EDITS, evaluate_structure
+
+SERIES = "totalsegmentator/example_ct_dicom"
+REFERENCE = "totalsegmentator/example_seg_dicom.nii.gz"
+
+
+def read_series_and_reference() -> tuple[np.ndarray, tuple, np.ndarray]:
+    """CT voxels (z, y, x) in HU, spacing (z, y, x) in mm, and the reference labels on the CT's grid."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(data_root() / SERIES)))
+    ct = reader.Execute()
+    labels = sitk.Resample(sitk.ReadImage(str(data_root() / REFERENCE)), ct, sitk.Transform(),
+                           sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(ct), ct.GetSpacing()[::-1], sitk.GetArrayFromImage(labels)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"))
+    args = p.parse_args()
+    if not (data_root() / SERIES).is_dir():
+        raise SystemExit(f"{data_root() / SERIES} not found (set RAPS3D_DATA)")
+    volume, spacing, labels = read_series_and_reference()
+    image = ImageState(Engine(load_model(args.model)[0]), volume, spacing)
+    rows = []
+    print(f"{'structure':20s} {'voxels':>8s} {'prompt':6s} " + " ".join(f"{k} edits" for k in range(EDITS + 1)))
+    for value, name in TOTALSEG_NAMES.items():
+        reference = labels == value
+        if reference.sum() < 100:  # not in this slab
+            continue
+        for prompt in ("box", "point"):
+            dices, _ = evaluate_structure(image, reference, prompt)
+            rows.append((prompt, dices))
+            print(f"{name:20s} {int(reference.sum()):8d} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in dices))
+    for prompt in ("box", "point"):
+        mean = np.mean([d for p_, d in rows if p_ == prompt], axis=0)
+        print(f"{'mean':20s} {'':8s} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in mean))
+
+
+if __name__ == "__main__":
+    main()
