@@ -100,15 +100,104 @@ def test_a_label_for_an_unknown_image_is_404_and_leaves_no_upload(server):
 @pytest.mark.parametrize("route", ["/datastore/", "/datastore/image"])
 def test_an_image_upload_stays_inside_the_datastore(server, route):
     ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
-    for image in ("../escaped", "/tmp/escaped", "a\\..\\..\\escaped"):
-        files = {"file": ("upload.nii.gz", ct, "application/octet-stream")}
-        r = requests.put(f"{server.url}{route}", params={"image": image}, files=files,
-                         data={"params": json.dumps({})}, timeout=60)
-        assert r.status_code == 400, r.text
-        assert r.json()["detail"] == f"the image id must be a plain name (no '/', '\\' or '..'), got {image!r}"
+    listing = f"{server.url}/datastore/"
+    # An id given, or (without one) the id MONAI Label takes from the uploaded file's name.
+    for query, filename, image_id in [({"image": "../escaped"}, "upload.nii.gz", "../escaped"),
+                                      ({"image": "/tmp/escaped"}, "upload.nii.gz", "/tmp/escaped"),
+                                      ({"image": "a\\..\\..\\escaped"}, "upload.nii.gz", "a\\..\\..\\escaped"),
+                                      ({}, "x/..", ".."),
+                                      ({}, ".", "."),
+                                      ({}, "a\\b.nii.gz", "a\\b")]:
+        files = {"file": (filename, ct, "application/octet-stream")}
+        r = requests.put(f"{server.url}{route}", params=query, files=files, data={"params": "{}"}, timeout=60)
+        assert r.status_code == 400, (query, filename, r.text)
+        assert r.json()["detail"].endswith(f"must be a plain name (no '/', '\\' or '..'), got {image_id!r}")
+        assert image_id not in requests.get(listing, params={"output": "all"}, timeout=60).json()["objects"]
     work = server.log.parent
     assert not list(work.glob("escaped*")) and not list(server.studies.glob("*escaped*"))
-    assert image not in requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+    assert not list(work.glob("*.nii.gz")), "nothing was written beside the datastore"
+
+
+@pytest.mark.parametrize("route,query", [
+    ("/datastore/image", {"id": ".."}),
+    ("/datastore/", {"id": "../studies"}),
+    ("/datastore/label", {"id": IMAGE, "tag": "../.."}),
+    ("/datastore/label", {"id": "..", "tag": "final"}),
+])
+def test_removals_name_only_the_datastores_images_and_tags(server, route, query):
+    r = requests.delete(f"{server.url}{route}", params=query, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "must be a plain name" in r.json()["detail"]
+    assert server.image_path(IMAGE).exists()
+
+
+def test_malformed_params_of_an_upload_are_400(server):
+    files = {"label": ("label.nii.gz", b"x", "application/octet-stream")}
+    r = requests.put(f"{server.url}/datastore/label", params={"image": IMAGE, "tag": "final"}, files=files,
+                     data={"params": "{not json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("params is not valid JSON")
+
+
+def test_batch_infer_takes_only_the_datastores_images(server, outside_ct):
+    r = requests.post(f"{server.url}/batch/infer/raps3d", params={"run_sync": "true"},
+                      json={"images": [str(outside_ct), IMAGE], "foreground": [CLICK]}, timeout=300)
+    assert r.status_code == 404, r.text[:500]
+    assert r.json()["detail"] == f"not in the datastore: {[str(outside_ct)]!r}"
+
+
+def session_of(server, content: bytes, filename: str, uncompress: bool = False):
+    return requests.put(f"{server.url}/session/", params={"uncompress": str(uncompress).lower()},
+                        files={"files": (filename, content, "application/octet-stream")}, timeout=120)
+
+
+def test_a_session_image_is_segmented_whatever_name_the_viewer_gives_it(server):
+    # 3D Slicer uploads the volume it holds and sends its own name for it, which may hold a "/".
+    r = session_of(server, (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes(), "volume.nii.gz")
+    assert r.status_code == 200, r.text
+    session_id = r.json()["session_id"]
+    query = {"image": "3: CT ABD/PELVIS", "session_id": session_id, "output": "json"}
+    r = requests.post(f"{server.url}/infer/raps3d", params=query,
+                      data={"params": json.dumps({"foreground": [CLICK], "client_id": "slicer-session"})}, timeout=300)
+    assert r.status_code == 200, r.text
+    # A session that does not exist does not open the path either.
+    query = {"image": str(server.image_path(IMAGE)), "session_id": "no-such-session", "output": "json"}
+    r = requests.post(f"{server.url}/infer/raps3d", params=query,
+                      data={"params": json.dumps({"foreground": [CLICK]})}, timeout=300)
+    assert r.status_code == 404, r.text
+
+
+def tar_bytes(members: list[tuple[str, bytes]], link: tuple[str, str] | None = None) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as archive:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+        if link:
+            info = tarfile.TarInfo(link[0])
+            info.type, info.linkname = tarfile.SYMTYPE, link[1]
+            archive.addfile(info)
+    return out.getvalue()
+
+
+def test_an_archive_that_would_unpack_outside_its_folder_is_refused(server):
+    work = server.log.parent
+    target = work / "escaped_by_session.txt"
+    depth = "../" * len(work.parts)
+    for archive, member in [(tar_bytes([(f"{depth}{str(target).lstrip('/')}", b"x")]), "../"),
+                            (tar_bytes([(str(target), b"x")]), str(target)),
+                            (tar_bytes([], link=("ct.nii.gz", "/etc/hostname")), "ct.nii.gz")]:
+        r = session_of(server, archive, "series.tar.gz", uncompress=True)
+        assert r.status_code == 400, r.text
+        assert "would be unpacked outside its folder" in r.json()["detail"] and member in r.json()["detail"]
+        assert not target.exists()
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    r = session_of(server, tar_bytes([("series/ct.nii.gz", ct)]), "series.tar.gz", uncompress=True)
+    assert r.status_code == 200, r.text
 
 
 def label_bytes(array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> bytes:
@@ -133,8 +222,9 @@ def test_a_label_that_training_could_not_read_is_422_and_not_saved(server):
     ct = sitk.ReadImage(str(server.image_path(IMAGE)))
     far = [o + 10000.0 for o in ct.GetOrigin()]
     cases = [
-        (b"not a label", "label.nii.gz", "the label cannot be saved: cannot read 'label.nii.gz' as a label map"),
-        (b"ssh-ed25519 AAAA", "authorized_keys", "the label cannot be saved: cannot read 'label' as a label map"),
+        (b"not a label", "my_seg.nii.gz", "the label cannot be saved: cannot read 'my_seg.nii.gz' as a label map"),
+        (b"ssh-ed25519 AAAA", "authorized_keys",
+         "the label cannot be saved: cannot read 'authorized_keys' as a label map"),
         (label_bytes(np.ones((1, 8, 8))[0]), "flat.nii.gz", "is not a 3D label map"),
         (label_bytes(np.ones((4, 8, 8)), origin=far), "far.nii.gz", "lies outside its image"),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -23,7 +24,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import datastore_route, dicomweb, infer_route, ohif, train_route
+from lib import datastore_route, dicomweb, infer_route, ohif, session_route, train_route
 from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
@@ -84,6 +85,18 @@ class Raps3DApp(MONAILabelApp):
             dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
         return super().infer(request, datastore)
 
+    def batch_infer(self, request, datastore=None):
+        # MONAI Label opens any path listed in "images" (a file elsewhere on the server): only the datastore's ids.
+        images = request.get("images")
+        if isinstance(images, list):
+            known = set((datastore or self.datastore()).list_images())
+            unknown = [i for i in images if not isinstance(i, str) or i not in known]
+            if unknown:
+                raise HTTPException(status_code=404, detail=f"not in the datastore: {unknown[:5]!r}"
+                                                            + (f" and {len(unknown) - 5} more" if len(unknown) > 5
+                                                               else ""))
+        return super().batch_infer(request, datastore)
+
     def next_sample(self, request):
         # MONAI Label's next_sample, except that an image the strategy picks but that cannot be fetched (a DICOMweb
         # series that cannot be converted, or is gone) is set aside and the next one tried, instead of a bare 500
@@ -108,6 +121,7 @@ class Raps3DApp(MONAILabelApp):
             logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
         try:
             datastore_route.install()  # an uploaded label or image stays inside the datastore
+            session_route.install()  # and so does an uploaded archive
         except Exception:
             logger.exception("Raps-3D: could not install the checked upload routes; left to MONAI Label")
         try:

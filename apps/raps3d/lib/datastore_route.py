@@ -1,14 +1,17 @@
-"""MONAI Label's image and label uploads, with the image id and the label tag checked first.
+"""MONAI Label's datastore uploads and removals, with image ids, label tags and labels checked first.
 
-MONAI Label 0.8.5's local datastore joins both into file paths unchecked: ``PUT /datastore/label?tag=../../x`` writes
-the uploaded file outside the datastore, under a name the client picks, and ``PUT /datastore/image?image=../x`` an
-image. Here they must be plain names (400 otherwise), a label must be for an image of the datastore (404, where MONAI
-Label answered 500) and a label map that training can read on that image's grid (422: MONAI Label stored any file,
-and the image then counted as done, until a training run skipped it), and a refused request's upload is removed at
-once. The saving itself is MONAI Label's (``add_image``, ``save_label``), with the same parameters and roles.
+MONAI Label 0.8.5's local datastore joins ids and tags into file paths unchecked: ``PUT /datastore/label?tag=../../x``
+writes the uploaded file outside the datastore, under a name the client picks; ``PUT /datastore/image?image=../x``
+an image; an upload named ``x/..`` without ``image`` registers the id ``..``, and removing that image removes the
+folder above the datastore. Here ids and tags must be plain names (400 otherwise), a label must be for an image of
+the datastore (404, where MONAI Label answered 500) and a label map that training can read on that image's grid
+(422: MONAI Label stored any file, and the image then counted as done, until a training run skipped it), and a
+refused request's upload is removed at once. The saving and removing itself is MONAI Label's (``add_image``,
+``save_label``, ``remove_image``, ``remove_label``), with the same parameters and roles.
 """
 
 import logging
+import os
 import pathlib
 import shutil
 import tempfile
@@ -18,19 +21,26 @@ from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadF
 from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.endpoints.datastore import add_image, save_label
+from monailabel.endpoints.datastore import add_image, remove_image, remove_label, save_label
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 
 from .images import ImageReadError, read_geometry, read_label_on_grid
-from .routes import check_plain_name, put_first, remove_uploads
+from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
 
-ADD_IMAGE_ROUTE = "raps3d_add_image_checked"
-SAVE_LABEL_ROUTE = "raps3d_save_label_checked"
+ROUTE_PREFIX = "raps3d_datastore_checked"
+
+
+def uploaded_image_id(filename: str | None) -> str:
+    """The id MONAI Label gives an image uploaded without one: the file's name without its suffixes ("" without a
+    name: it then makes one up)."""
+    if not filename:
+        return ""
+    return os.path.basename(filename).replace("".join(pathlib.Path(filename).suffixes), "")
 
 
 async def raps3d_add_image(  # on the event loop, as MONAI Label's route
@@ -40,8 +50,11 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     file: UploadFile = File(...),
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
 ):
-    if image:  # without one, MONAI Label names the image after the uploaded file's own name (its last part)
+    if image:
         check_plain_name(image, "the image id")
+    elif uploaded_image_id(file.filename):
+        check_plain_name(uploaded_image_id(file.filename), "the image id (the uploaded file's name)")
+    parse_params(params)
     try:
         return add_image(background_tasks, image, params, file, user.username)
     except BaseException:
@@ -60,6 +73,7 @@ async def raps3d_save_label(
     check_plain_name(image, "the image id")
     if tag:  # empty: MONAI Label's default tag, final
         check_plain_name(tag, "the label tag")
+    parse_params(params)
     store = app_instance().datastore()
     # Over DICOMweb the label becomes a DICOM SEG, whose conversion checks it; reading the image's geometry here
     # would download the series.
@@ -76,31 +90,48 @@ async def raps3d_save_label(
         raise
 
 
+async def raps3d_remove_image(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    check_plain_name(id, "the image id")
+    return remove_image(id, user.username)
+
+
+async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    check_plain_name(id, "the image id")
+    check_plain_name(tag, "the label tag")
+    return remove_label(id, tag, user.username)
+
+
 def check_label(label: UploadFile, image_path: str) -> None:
     """A 422 unless the upload reads as a 3D label map on the image's grid (as training reads it); the upload is
     left as it came, for MONAI Label to save."""
-    # The upload's file type is in its name's suffixes, as MONAI Label takes it (.nii.gz where it has no name).
-    suffixes = "".join(pathlib.Path(label.filename).suffixes) if label.filename else ".nii.gz"
+    # Read from a copy that keeps the upload's suffixes (its file type, as MONAI Label takes it: .nii.gz where it has
+    # no name); messages name the client's file.
+    name = pathlib.Path(label.filename).name if label.filename else "label.nii.gz"
+    suffixes = "".join(pathlib.Path(name).suffixes).replace("\0", "")[-32:]
     with tempfile.TemporaryDirectory() as folder:
-        copy = pathlib.Path(folder) / ("label" + suffixes.replace("\0", "")[-32:])
+        copy = os.path.join(folder, "label" + suffixes)
         with open(copy, "wb") as out:
             shutil.copyfileobj(label.file, out)
         label.file.seek(0)
         try:
-            read_label_on_grid(str(copy), read_geometry(image_path))
+            read_label_on_grid(copy, read_geometry(image_path))
         except ImageReadError as e:
-            raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
+            reason = str(e).replace(repr(os.path.basename(copy)), repr(name[:200]))
+            raise HTTPException(status_code=422, detail=f"the label cannot be saved: {reason}") from None
 
 
 def install(fastapi_app=None) -> bool:
-    """Puts the checked upload routes before MONAI Label's; False when they are there already."""
-    api = settings.MONAI_LABEL_API_STR
-    routes = [APIRoute(f"{api}/datastore/label", raps3d_save_label, methods=["PUT"], name=SAVE_LABEL_ROUTE,
-                       summary="Save Finished Label (image id and tag checked)")]
-    for i, path in enumerate(("/datastore/", "/datastore/image")):  # MONAI Label serves both
-        routes.append(APIRoute(f"{api}{path}", raps3d_add_image, methods=["PUT"], name=f"{ADD_IMAGE_ROUTE}_{i}",
-                               summary="Upload new Image (image id checked)"))
-    installed = [put_first(route, fastapi_app) for route in routes]
+    """Puts the checked datastore routes before MONAI Label's; False when they are there already."""
+    api = f"{settings.MONAI_LABEL_API_STR}/datastore"
+    routes = [("/label", raps3d_save_label, "PUT", "Save Finished Label"),
+              ("/label", raps3d_remove_label, "DELETE", "Remove Label"),
+              ("/image", raps3d_remove_image, "DELETE", "Remove Image and corresponding labels"),
+              ("/", raps3d_remove_image, "DELETE", "Remove Image and corresponding labels"),  # MONAI Label serves both
+              ("/image", raps3d_add_image, "PUT", "Upload new Image"),
+              ("/", raps3d_add_image, "PUT", "Upload new Image")]
+    installed = [put_first(APIRoute(f"{api}{path}", endpoint, methods=[method], summary=f"{summary} (checked)",
+                                    name=f"{ROUTE_PREFIX}_{method}_{path}"), fastapi_app)
+                 for path, endpoint, method, summary in routes]
     if all(installed):
-        logger.info("Raps-3D: image ids and label tags of uploads are checked")
+        logger.info("Raps-3D: image ids, label tags and labels of the datastore's uploads are checked")
     return all(installed)

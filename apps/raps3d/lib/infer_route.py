@@ -9,13 +9,12 @@ engine's lock), so other requests are served while one runs.
 
 MONAI Label also takes an ``image`` that names an existing path on the server (``/etc/...``, a folder of someone
 else's DICOM) as that file, and lets ``params`` replace the image; both are refused here, so a client reads only the
-datastore's images and its own uploads.
+datastore's images and its own uploads (a file, or a session's image: MONAI Label's sessions, as 3D Slicer uses them).
 
 The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles; a refused
 request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder).
 """
 
-import json
 import logging
 import os
 from typing import Optional
@@ -27,7 +26,7 @@ from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
-from .routes import put_first, remove_uploads
+from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +40,22 @@ def check_image_id(image: str, known_ids) -> None:
         raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore")
 
 
+def live_session(session_id: str) -> bool:
+    """Whether ``session_id`` names one of MONAI Label's sessions (3D Slicer's uploads of an image to segment)."""
+    if not session_id:
+        return False
+    try:
+        check_plain_name(session_id, "session_id")  # MONAI Label joins it into a path
+    except HTTPException:
+        return False
+    sessions = app_instance().sessions()
+    return sessions is not None and sessions.get_session(session_id, update_ts=False) is not None
+
+
 def checked_params(params: str, image: str, uploaded: bool) -> None:
     """A 400 for ``params`` that are not a JSON object, or that name another image than the request's (MONAI Label
     lets them replace it)."""
-    try:
-        values = json.loads(params) if params else {}
-    except ValueError as e:
-        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise HTTPException(status_code=400, detail="params must be a JSON object")
+    values = parse_params(params)
     if "image" in values and (uploaded or values["image"] != image):
         raise HTTPException(status_code=400, detail="the image goes in the request's 'image' (or as an uploaded "
                                                     "file), not in params")
@@ -67,7 +73,7 @@ def raps3d_infer(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     checked_params(params, image, file is not None)
-    if file is None:
+    if file is None and not live_session(session_id):  # a session's image replaces the request's
         check_image_id(image, lambda: set(app_instance().datastore().list_images()))
     try:
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)

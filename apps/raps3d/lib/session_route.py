@@ -1,0 +1,68 @@
+"""MONAI Label's session upload (``PUT /session/``, what 3D Slicer uses to segment an image it holds), with archives
+checked before they are unpacked.
+
+With ``uncompress=true`` MONAI Label 0.8.5 unpacks an uploaded tar archive with ``shutil.unpack_archive`` and no
+extraction filter: a member named ``../../x`` or ``/x``, or a link, would be written outside the session's folder,
+anywhere the server may write. Such an archive is refused here (400) before anything is unpacked. The session itself
+is MONAI Label's (``create_session``), with the same parameters and role. (Zip archives are unpacked by ``zipfile``,
+which keeps every member inside the target folder.)
+"""
+
+import logging
+import pathlib
+import tarfile
+from typing import List
+
+from fastapi import BackgroundTasks, Depends, File, HTTPException, UploadFile
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.session import create_session
+from monailabel.endpoints.user.auth import RBAC, User
+
+from .routes import put_first
+
+logger = logging.getLogger(__name__)
+
+ROUTE_NAME = "raps3d_create_session_checked"
+
+
+def check_archive(upload: UploadFile) -> None:
+    """A 400 when the upload is a tar archive with a member that would be unpacked outside its folder: an absolute
+    name, a name with ``..``, a link or a device."""
+    f = upload.file
+    try:
+        f.seek(0)
+        if not tarfile.is_tarfile(f):
+            return
+        f.seek(0)
+        with tarfile.open(fileobj=f) as archive:
+            for member in archive:
+                path = pathlib.PurePosixPath(member.name)
+                if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
+                    raise HTTPException(status_code=400, detail=f"the archive {upload.filename!r} holds "
+                                                                f"{member.name[:200]!r}, which would be unpacked "
+                                                                "outside its folder (or is a link); not unpacked")
+    except tarfile.TarError as e:
+        raise HTTPException(status_code=400, detail=f"the archive {upload.filename!r} cannot be read: {e}") from None
+    finally:
+        f.seek(0)
+
+
+async def raps3d_create_session(  # on the event loop, as MONAI Label's route
+    background_tasks: BackgroundTasks,
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: List[UploadFile] = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    if uncompress:
+        for upload in files:
+            check_archive(upload)
+    return create_session(background_tasks, uncompress, expiry, files)
+
+
+def install(fastapi_app=None) -> bool:
+    """Puts the checked session upload before MONAI Label's; False when it is there already."""
+    route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/session/", raps3d_create_session, methods=["PUT"],
+                     name=ROUTE_NAME, summary="Create new session with Image (archives checked)")
+    return put_first(route, fastapi_app)
