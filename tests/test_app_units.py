@@ -24,7 +24,7 @@ from lib import interaction  # noqa: E402
 from lib.auto_prompt import soft_tissue_seed  # noqa: E402
 from lib.images import Geometry, ImageReadError, image_key, read_image, read_label_on_grid  # noqa: E402
 from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
-from lib.model_service import ModelService  # noqa: E402
+from lib.model_service import ModelService, load_served  # noqa: E402
 from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
 from lib.prompts import PromptFormatError, parse_prompts  # noqa: E402
 
@@ -507,6 +507,23 @@ def test_model_service_falls_back_loads_and_reloads(tmp_path, caplog):
     raps3d.save_model(raps3d.modeling.build_model("lite"), path)
     tuned.unlink()
     assert service.status().path == str(path) and service.status().trained
+
+
+def test_a_fine_tuned_checkpoint_that_cannot_be_loaded_leaves_the_base_serving(tmp_path):
+    base, tuned = tmp_path / "model.pt", tmp_path / "tuned.pt"
+    torch.manual_seed(1)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), base)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), tuned)
+    tuned.write_bytes(tuned.read_bytes()[:5000])  # a truncated copy
+    options = AppOptions(model_path=base, trained_model_path=tuned, device="cpu")
+    status = ModelService(options).status()
+    assert status.trained and status.path == str(base)
+    assert status.warning.startswith("WARNING: the fine-tuned checkpoint 'tuned.pt' cannot be loaded (")
+    assert "serving the base model 'model.pt' instead" in status.warning and str(tmp_path) not in status.warning
+    model, _, path, warning = load_served(options)  # what the train task starts from
+    assert path == base and warning == status.warning
+    expected = raps3d.load_model(base)[0].state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
 
 
 def test_idle_sessions_are_dropped_while_no_request_comes(tmp_path):

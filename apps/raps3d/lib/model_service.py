@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +63,25 @@ def checkpoint_summary(meta: dict) -> str:
     if (meta.get("calibration") or {}).get("mask_threshold") is not None:
         parts.append(f"mask threshold {meta['calibration']['mask_threshold']}")
     return "; ".join(parts)
+
+
+def load_served(options: AppOptions) -> tuple[raps3d.modeling.Raps3D, dict, Path, str | None]:
+    """(model, metadata, path, warning) of the checkpoint to serve: the site's fine-tuned one when it loads, else the
+    base one, with a warning that says why (a fine-tuned file that cannot be read must not leave random weights
+    serving while a good base checkpoint is there). CheckpointError when the one to serve cannot be loaded."""
+    path = options.served_model_path
+    try:
+        model, meta = raps3d.load_model(path)
+        return model, meta, path, None
+    except raps3d.CheckpointError as e:
+        base = options.model_path
+        if path == base or not base.exists():
+            raise
+        model, meta = raps3d.load_model(base)
+        reason = str(e).replace(str(path), path.name)
+        return model, meta, base, (f"WARNING: the fine-tuned checkpoint {path.name!r} cannot be loaded ({reason}); "
+                                   f"serving the base model {base.name!r} instead. Replace or remove the fine-tuned "
+                                   "file (a training run that publishes replaces it).")
 
 
 def _release_free_memory() -> None:
@@ -114,15 +134,17 @@ class ModelService:
                 return None
             return self._untrained(path, untrained_warning(path))
         try:
-            model, meta = raps3d.load_model(path)
+            model, meta, loaded, warning = load_served(self.options)
         except raps3d.CheckpointError as e:
             if self._engine is not None:
                 logger.error(f"Raps-3D: cannot load the changed checkpoint ({e}); keeping the model in use")
                 return None
             reason = str(e).replace(str(path), os.path.basename(str(path)))  # clients see it: no server folders
             return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {reason}")
-        logger.info(f"Raps-3D: loaded checkpoint {path} ({model.config.name}); {checkpoint_summary(meta)}")
-        return model, ModelStatus(str(path), True, sig, model.config.name)
+        if warning:
+            logger.error(f"Raps-3D: {warning}")
+        logger.info(f"Raps-3D: loaded checkpoint {loaded} ({model.config.name}); {checkpoint_summary(meta)}")
+        return model, ModelStatus(str(loaded), True, sig, model.config.name, warning)
 
     def _ensure(self) -> None:
         path = self.options.served_model_path

@@ -35,6 +35,7 @@ from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
 from ..images import ImageReadError, read_image, read_label_on_grid
+from ..model_service import load_served
 from ..options import AppOptions
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ class Raps3DTrain(TrainTask):
 
             served = self.options.served_model_path
             if served.exists():
-                model, meta = load_model(served)
+                model, meta, served, warning = load_served(self.options)  # the base, when the fine-tuned one is bad
+                if warning:
+                    logger.warning(warning)
+                    stats["warning"] = warning
             else:
                 logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
                 model, meta = build_model("lite"), {}
