@@ -227,6 +227,9 @@ def test_a_label_that_training_could_not_read_is_422_and_not_saved(server):
          "the label cannot be saved: cannot read 'authorized_keys' as a label map"),
         (label_bytes(np.ones((1, 8, 8))[0]), "flat.nii.gz", "is not a 3D label map"),
         (label_bytes(np.ones((4, 8, 8)), origin=far), "far.nii.gz", "lies outside its image"),
+        # The CT itself, sent as its label by mistake: thousands of HU values, negative ones among them.
+        (server.image_path(IMAGE).read_bytes(), "ct.nii.gz",
+         "the label cannot be saved: the label 'ct.nii.gz' holds negative values (down to "),
     ]
     scratch = server.log.parent / "tmp"
     before = set(scratch.iterdir())

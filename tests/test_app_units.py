@@ -4,6 +4,7 @@ the interaction logic and the automatic click."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ if str(APP_DIR) not in sys.path:
 
 from lib import interaction  # noqa: E402
 from lib.auto_prompt import soft_tissue_seed  # noqa: E402
-from lib.images import Geometry, ImageReadError, image_key, read_image, read_label_on_grid  # noqa: E402
+from lib.images import (Geometry, ImageReadError, check_label_values, image_key, read_image,  # noqa: E402
+                        read_label_on_grid)
 from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
 from lib.model_service import ModelService, load_served  # noqa: E402
 from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
@@ -386,6 +388,16 @@ def test_a_label_on_its_own_grid_is_put_on_the_image_grid(tmp_path):
     sitk.WriteImage(part, str(tmp_path / "outside.nii.gz"))
     with pytest.raises(ImageReadError, match="lies outside its image"):
         read_label_on_grid(str(tmp_path / "outside.nii.gz"), geometry)
+    # An image saved as a label is not a label map: negative values, fractions, thousands of values.
+    sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(full.astype(np.int16) - 1000)), str(tmp_path / "ct.nii.gz"))
+    with pytest.raises(ImageReadError, match=re.escape("the label 'ct.nii.gz' holds negative values (down to -1000)")):
+        read_label_on_grid(str(tmp_path / "ct.nii.gz"), geometry)
+    for bad, reason in [(np.full((4, 5, 6), 0.5, np.float32), "values that are not whole numbers"),
+                        (np.arange(1200, dtype=np.int16).reshape(10, 10, 12), "holds 1199 different structure values"),
+                        (np.full((4, 5, 6), 70000, np.int32), "holds values up to 70000")]:
+        with pytest.raises(ImageReadError, match=reason):
+            check_label_values(bad, "label.nii.gz")
+    check_label_values(np.arange(1001, dtype=np.float32).reshape(7, 11, 13), "label.nii.gz")  # 1000 values: fine
     # A label file is named as its image is: the message says it is the label that could not be read.
     (tmp_path / "corrupt.nii.gz").write_bytes(b"not a label")
     with pytest.raises(ImageReadError, match=r"^cannot read 'corrupt.nii.gz' as a label map: "):
@@ -713,14 +725,21 @@ def test_the_train_task_keeps_each_label_as_its_bounding_box_and_wide_images_as_
         image = sitk.GetImageFromArray(array)
         image.SetSpacing((0.8, 0.8, 2.5))
         sitk.WriteImage(image, str(path))
+    # A second image whose label marks nothing: counted as labelled by the datastore, so listed as skipped.
+    sitk.WriteImage(sitk.ReadImage(str(studies / "ct_01.nii.gz")), str(studies / "ct_02.nii.gz"))
+    empty = sitk.GetImageFromArray(np.zeros(volume.shape, np.uint8))
+    empty.SetSpacing((0.8, 0.8, 2.5))
+    sitk.WriteImage(empty, str(tmp_path / "ct_02_label.nii.gz"))
     datastore = LocalDatastore(str(studies))
     datastore.save_label("ct_01", str(tmp_path / "ct_01_label.nii.gz"), "final", {})
+    datastore.save_label("ct_02", str(tmp_path / "ct_02_label.nii.gz"), "final", {})
     task = Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt",
                                   device="cpu"))
 
     (case,), skipped = task._cases(datastore)
 
-    assert skipped == {} and case.name == "ct_01" and case.spacing == pytest.approx((2.5, 0.8, 0.8))
+    assert skipped == {"ct_02": "its label holds no structure of at least 20 voxels"}
+    assert case.name == "ct_01" and case.spacing == pytest.approx((2.5, 0.8, 0.8))
     assert case.volume.dtype == np.int16  # air clipped to below the widest training window, the rest as it was
     assert np.array_equal(case.volume, np.clip(volume, -606, None)) and case.volume.min() == -606
     assert sorted(case.structures) == ["label_1", "label_4"]

@@ -31,6 +31,10 @@ MAX_VOXELS = 512 * 512 * 2048
 HEADER_LIMIT = 1 << 20
 _DETACHED_DATA = re.compile(rb"^\s*(data ?file|ElementDataFile)\s*[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
+# A label map numbers its structures 1, 2, ...; more values than this is not an annotation (an image saved as a label,
+# say: thousands of HU values).
+MAX_LABEL_VALUES = 1000
+
 # Every CT of the body holds air or lung (-1000 to -700 HU) somewhere; an image whose lowest value is above this is
 # not in Hounsfield units (MR, PET, a normalised or shifted CT), and the model's intensity window would misread it.
 LOWEST_HU_AT_MOST = -250.0
@@ -214,7 +218,33 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
         if sitk.GetArrayViewFromImage(label).any() and not sitk.GetArrayViewFromImage(resampled).any():
             raise ImageReadError(f"the label {os.path.basename(path)!r} lies outside its image")
         label = resampled
-    return sitk.GetArrayFromImage(label)
+    array = sitk.GetArrayFromImage(label)
+    check_label_values(array, os.path.basename(path))
+    return array
+
+
+def check_label_values(label: np.ndarray, name: str) -> None:
+    """ImageReadError unless ``label`` numbers its structures with whole numbers from 0, at most MAX_LABEL_VALUES of
+    them (an image saved as a label has negative values, fractions or thousands of values)."""
+    if label.size == 0:
+        return
+    low, high = label.min(), label.max()
+    if low < 0:
+        raise ImageReadError(f"the label {name!r} holds negative values (down to {low:g}): it looks like an image, "
+                             "not a label map (0 for background, 1, 2, ... for structures)")
+    if label.dtype.kind == "f" and (not np.isfinite(high) or
+                                    not all(np.array_equal(plane, np.floor(plane)) for plane in label)):
+        raise ImageReadError(f"the label {name!r} holds values that are not whole numbers: a label map numbers its "
+                             "structures 1, 2, ...")
+    if high > 65535:
+        raise ImageReadError(f"the label {name!r} holds values up to {high:g}; a label map's are at most 65535")
+    present = np.zeros(int(high) + 1, dtype=bool)
+    for row in label.reshape(-1, label.shape[-1]):  # row by row: no full-size copy
+        present[row.astype(np.int64)] = True
+    count = int(np.count_nonzero(present[1:]))
+    if count > MAX_LABEL_VALUES:
+        raise ImageReadError(f"the label {name!r} holds {count} different structure values, more than the "
+                             f"{MAX_LABEL_VALUES} a label map is taken to have: it looks like an image, not a label map")
 
 
 def read_geometry(path: str, what: str = "an image") -> Geometry:

@@ -98,6 +98,8 @@ class Raps3DTrain(TrainTask):
             structures = {f"label_{v}": s for v, s in label_structures(label).items() if s.count >= MIN_VOXELS}
             if structures:
                 cases.append(Case(name, "datastore", compact_volume(volume), geometry.spacing[::-1], structures))
+            else:  # listed, so that an image counted as labelled but never trained on is seen
+                skipped[name] = f"its label holds no structure of at least {MIN_VOXELS} voxels"
             del volume, label  # before the next image is read: one image's full-size arrays at a time
         return cases, skipped
 
