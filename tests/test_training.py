@@ -77,6 +77,19 @@ def test_exact_resume_keeps_fp32_weights_and_adam_moments(cases, tmp_path):
           resume=meta3["train_state"], keep_resume_state=True)
     assert _adam_step(torch.load(resume_state_path(out), weights_only=True)) == 1
 
+    # Nor is one of the same step saved with another checkpoint (another run's files copied beside this one).
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    train(build_model("lite"), cases, other, TrainConfig(steps=5, batch_size=2, log_every=1, save_every=5),
+          keep_resume_state=True)
+    torch.save(torch.load(resume_state_path(other), weights_only=True), resume_state_path(out))
+    loaded, meta4 = load_model(out)
+    assert meta4["train_state"]["step"] == 5
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    train(loaded, cases, out, TrainConfig(steps=5, batch_size=2, log_every=1, save_every=5),
+          resume=meta4["train_state"], keep_resume_state=True)  # no step left: restore only
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in before.items())  # the other run's weights unused
+
 
 def test_bf16_autocast_trains_fp32_weights(cases, tmp_path):
     torch.manual_seed(0)

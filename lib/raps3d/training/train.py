@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,11 +200,17 @@ def resume_state_path(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.name + ".resume")
 
 
-def _restore_resume_state(model: Raps3D, opt: torch.optim.Optimizer, path: Path, step: int, lr: float) -> None:
+def _restore_resume_state(model: Raps3D, opt: torch.optim.Optimizer, path: Path, step: int, lr: float,
+                          token: str | None = None) -> None:
+    """Loads the resume state saved with the checkpoint being resumed: its step, and (from checkpoints that record
+    one) the token both were saved with, must match, or the state is another run's (a copied or renamed file)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
     except Exception as e:  # truncated or foreign file: the checkpoint alone still allows a resume
         print(f"ignoring {path}: {e}", flush=True)
+        state = None
+    if state and token is not None and state.get("token") != token:
+        print(f"ignoring {path}: it was saved with another checkpoint than the one resumed", flush=True)
         state = None
     if not state or state.get("step") != step:
         print(f"no resume state for step {step} at {path}: continuing from the checkpoint's fp16 weights with "
@@ -294,7 +301,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
     opt = torch.optim.AdamW(parameter_groups(model, fresh, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = resume_state_path(out_path)
     if resume and keep_resume_state:
-        _restore_resume_state(model, opt, state_path, step0, cfg.lr)
+        _restore_resume_state(model, opt, state_path, step0, cfg.lr, resume.get("resume_token"))
 
     def schedule(s: int) -> float:  # linear warm-up, then cosine decay to 0 at cfg.steps
         s += step0
@@ -337,10 +344,13 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         if lead and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
             if keep_resume_state:  # first, so that a checkpoint never names a step its resume state lacks
-                save_atomic({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, state_path)
+                token = meta["train_state"]["resume_token"] = uuid.uuid4().hex  # pairs the two files
+                save_atomic({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "token": token}, state_path)
             save_model(model, out_path, meta)
         if stop:
             break
     model.eval()
-    meta["train_state"] = {"step": step, "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
+    meta["train_state"] = {**meta.get("train_state", {}), "step": step,
+                           "seconds": elapsed0 + time.perf_counter() - t0, "history": history}
     return meta
