@@ -212,6 +212,39 @@ def test_dataset_weights_are_parsed_and_checked():
         weights_for({"openkbp": 0.0}, {"openkbp", "site"})
 
 
+def test_the_training_command_refuses_bad_arguments_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    from raps3d import save_model
+    from raps3d.training.__main__ import main
+
+    out = str(tmp_path / "m.pt")
+    for argv, message in [(["--steps", "0"], "--steps: must be at least 1, got 0"),
+                          (["--steps", "-5"], "--steps: must be at least 1, got -5"),
+                          (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+                          (["--save-every", "0"], "--save-every: must be at least 1, got 0"),
+                          (["--lr", "-1"], "--lr: must be at least 1e-12, got -1"),
+                          (["--lr", "nan"], "--lr: must be at least 1e-12, got nan"),
+                          (["--steps", "x"], "--steps: expected a whole number, got 'x'"),
+                          (["--mid-zoom-fraction", "2"], "--mid-zoom-fraction: must be at most 1, got 2.0")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--out", out, *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    trained = tmp_path / "trained.pt"
+    save_model(build_model("lite"), trained, {"train_state": {"step": 3, "history": []}})
+    monkeypatch.setenv("RAPS3D_DATA", str(tmp_path / "no-data-here"))
+    for argv, message in [(["--out", str(junk), "--resume"], "--resume: " + f"{junk} is not a readable"),
+                          (["--out", str(trained), "--resume", "--steps", "3"],
+                           f"--resume: {trained} is at step 3 already; give --steps above it"),
+                          (["--out", out, "--init", str(junk)], f"--init: {junk} is not a readable"),
+                          (["--out", out, "--packed", str(junk)], f"--packed: cannot read {junk} as packed cases"),
+                          (["--out", out], f"no data folder at {tmp_path / 'no-data-here'}: set RAPS3D_DATA")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value).startswith(message), str(e.value)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_intermediate_view_samples_are_cubes_around_the_structure(cases):
     from raps3d.roi import MID_ZOOM_MM
     from raps3d.training.sampling import make_sample, mid_zoom_box

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import init_model, load_model, read_checkpoint
+from ..checkpoint import CheckpointError, init_model, load_model, read_checkpoint
 from ..modeling import build_model
 from .data import data_root, training_cases, validation_cases
 from .packed import load_packed
@@ -50,6 +50,19 @@ def weights_for(weights: dict[str, float] | None, datasets: set[str]) -> dict[st
     return resolved
 
 
+def at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` no smaller than ``low`` (a clear usage error otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {text!r}")
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", help="model configuration (lite or segvol) of a new model (default lite), or, with "
@@ -60,23 +73,23 @@ def main(argv=None) -> None:
                    help="continue from --out if it exists (exactly, with the fp32 weights and AdamW state that "
                         "each save keeps beside it in OUT.resume)")
     p.add_argument("--init", help="start from the weights of this checkpoint (fine-tuning)")
-    p.add_argument("--steps", type=int, default=2000, help="total steps (a resumed run continues up to this)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--limit", type=int, default=None, help="use at most this many cases per dataset")
-    p.add_argument("--val-samples", type=int, default=48)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--steps", type=at_least(1), default=2000, help="total steps (a resumed run continues up to this)")
+    p.add_argument("--batch-size", type=at_least(1), default=4)
+    p.add_argument("--lr", type=at_least(1e-12, float), default=1e-4)
+    p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many cases per dataset")
+    p.add_argument("--val-samples", type=at_least(0), default=48)
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--save-every", type=at_least(1), default=100)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
     p.add_argument("--packed", help="read the cases from this file (written by raps3d.training.packed) instead of "
                                      "the data folder; --limit then applies when packing")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU or CPU)")
-    p.add_argument("--workers", type=int, default=0, help="processes drawing training samples (0: none)")
-    p.add_argument("--mid-zoom-fraction", type=float, default=0.0,
+    p.add_argument("--workers", type=at_least(0), default=0, help="processes drawing training samples (0: none)")
+    p.add_argument("--mid-zoom-fraction", type=at_least(0.0, float), default=0.0,
                    help="share of samples in the predictor's intermediate view, a cube around the structure "
                         "(taken from the zoom-in share; 0 draws the same samples as before this option)")
-    p.add_argument("--fresh-lr-scale", type=float, default=TrainConfig.fresh_lr_scale,
+    p.add_argument("--fresh-lr-scale", type=at_least(0.0, float), default=TrainConfig.fresh_lr_scale,
                    help="learning-rate factor of layers the --init checkpoint lacks")
     p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
                    help="do not train parameters whose names start with these (e.g. image_encoder.)")
@@ -88,18 +101,30 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.mid_zoom_fraction > 1:
+        p.error(f"--mid-zoom-fraction: must be at most 1, got {args.mid_zoom_fraction}")
     out = Path(args.out)
     resume, fresh = None, []
     if args.resume and out.exists():
-        model, meta = load_model(out)
+        try:
+            model, meta = load_model(out)
+        except CheckpointError as e:
+            raise SystemExit(f"--resume: {e}; remove it (or give another --out) to start again") from None
         resume, fresh = meta.get("train_state"), meta.get("fresh", [])
+        if resume and resume["step"] >= args.steps:
+            raise SystemExit(f"--resume: {out} is at step {resume['step']} already; give --steps above it to train "
+                             "on")
         print(f"resuming from {out} at step {resume['step'] if resume else 0}", flush=True)
-    elif args.init and args.config:
-        model, fresh = init_model(args.init, args.config)
-        meta = {"init": str(args.init), "fresh": fresh}
     elif args.init:
-        model, meta = load_model(args.init)
-        meta = {"init": str(args.init)}
+        try:
+            if args.config:
+                model, fresh = init_model(args.init, args.config)
+                meta = {"init": str(args.init), "fresh": fresh}
+            else:
+                model, meta = load_model(args.init)
+                meta = {"init": str(args.init)}
+        except CheckpointError as e:
+            raise SystemExit(f"--init: {e}") from None
     else:
         model, meta = build_model(args.config or "lite"), {}
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -110,10 +135,16 @@ def main(argv=None) -> None:
     if args.packed:
         if not Path(args.packed).is_file():
             raise SystemExit(f"--packed: no file at {args.packed}")
-        splits = load_packed(args.packed)
+        try:
+            splits = load_packed(args.packed)
+        except (OSError, ValueError, KeyError) as e:  # not an archive, or not one that packed wrote
+            raise SystemExit(f"--packed: cannot read {args.packed} as packed cases ({type(e).__name__}: {e})") \
+                from None
         cases, val = splits.get("training", []), splits.get("validation", [])
         source = args.packed
     else:
+        if not data_root().is_dir():
+            raise SystemExit(f"no data folder at {data_root()}: set RAPS3D_DATA, or train from --packed cases")
         cases, val = training_cases(args.limit), validation_cases(args.limit)
         source = data_root()
     print(f"data from {source}: {len(cases)} training cases, {len(val)} validation cases, "
