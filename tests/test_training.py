@@ -42,6 +42,14 @@ def test_train_resume_and_checkpoint(cases, tmp_path):
     assert len(history) == 3 and history[:2] == earlier
     assert resumed["train_state"]["seconds"] > seconds_before
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no scratch files
+    # What a run killed while saving leaves behind goes with the next run that writes the same checkpoint.
+    stale = [tmp_path / ".m.pt.k1ll3d.tmp", tmp_path / ".m.pt.resume.k1ll3d.tmp"]
+    other = tmp_path / ".other.pt.k1ll3d.tmp"
+    for path in (*stale, other):
+        path.write_bytes(b"half a checkpoint")
+    train(loaded, cases, out, TrainConfig(steps=7, batch_size=2, log_every=2, save_every=7),
+          resume=resumed["train_state"])
+    assert not any(path.exists() for path in stale) and other.exists()
 
 
 def _adam_step(state: dict) -> int:

@@ -6,6 +6,7 @@ a run killed while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from dataclasses import fields
@@ -39,6 +40,16 @@ def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_writes(path: str | os.PathLike) -> int:
+    """Removes the temporary files that writes of ``path`` (``save_atomic``) left when their process was killed;
+    call it where no other process writes ``path``. Returns how many were removed."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

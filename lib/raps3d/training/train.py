@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import save_atomic, save_model
+from ..checkpoint import remove_stale_writes, save_atomic, save_model
 from ..modeling import NEGATIVE, POSITIVE, Raps3D
 from .clicks import corrective_click
 from .data import Case
@@ -300,6 +300,9 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
             dist.broadcast(t, 0)
     opt = torch.optim.AdamW(parameter_groups(model, fresh, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = resume_state_path(out_path)
+    if rank == 0:  # the one writer of these files: what a killed run left half-written goes
+        remove_stale_writes(out_path)
+        remove_stale_writes(state_path)
     if resume and keep_resume_state:
         _restore_resume_state(model, opt, state_path, step0, cfg.lr, resume.get("resume_token"))
 

@@ -28,6 +28,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from raps3d import ImageError, check_volume, load_model, save_model
+from raps3d.checkpoint import remove_stale_writes
 from raps3d.modeling import build_model
 from raps3d.training.data import Case, label_structures
 from raps3d.training.sampling import compact_volume
@@ -105,6 +106,8 @@ class Raps3DTrain(TrainTask):
 
     def __call__(self, request, datastore: Datastore):
         self.publish_path.parent.mkdir(parents=True, exist_ok=True)
+        for path in (self.publish_path, self._scratch):  # half-written files of a run killed while saving
+            remove_stale_writes(path)
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
                  "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname(),
                  "process_start": _process_start(os.getpid())}
