@@ -747,3 +747,44 @@ def test_the_train_task_keeps_each_label_as_its_bounding_box_and_wide_images_as_
     assert case.structures["label_4"].crop.shape == (5, 10, 15)
     for value in (1, 4):
         assert np.array_equal(case.structures[f"label_{value}"].full(), label == value)
+
+
+def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from monailabel.datastore.local import LocalDatastore
+
+    import lib.trainers.raps3d as trainer
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    volume = np.full((24, 48, 48), -1000, np.int16)
+    volume[4:20, 10:40, 10:40] = 40
+    label = np.zeros(volume.shape, np.uint8)
+    label[8:16, 16:32, 16:30] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(studies / "ct_01.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "label.nii.gz"))
+    datastore = LocalDatastore(str(studies))
+    datastore.save_label("ct_01", str(tmp_path / "label.nii.gz"), "final", {})
+    task = trainer.Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", device="cpu", torch_threads=2,
+                                          trained_model_path=tmp_path / "model" / "tuned.pt"))
+    save_model, write_json = trainer.save_model, trainer._write_json
+
+    def publish_on_a_full_disk(model, path, *args, **kwargs):
+        if path == task.publish_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_model(model, path, *args, **kwargs)
+
+    def write_while_there_is_room(path, stats):  # the candidate file takes the last room on the disk
+        if task._scratch.exists() and stats.get("status") == "FAILED":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_json(path, stats)
+
+    monkeypatch.setattr(trainer, "save_model", publish_on_a_full_disk)
+    monkeypatch.setattr(trainer, "_write_json", write_while_there_is_room)
+    with pytest.raises(OSError, match="No space left on device"):
+        task({"steps": 1, "batch_size": 1, "publish": "always"}, datastore)
+    stats = json.loads(task.stats_path.read_text())
+    assert stats["status"] == "FAILED" and "No space left on device" in stats["error"]
+    assert not task._scratch.exists() and not task.publish_path.exists()

@@ -67,11 +67,15 @@ class Raps3DTrain(TrainTask):
             return {}
         if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host"),
                                                             stats.get("process_start")):
-            # Stopped from the server (it kills the process) or killed otherwise: nothing could record it then.
+            # Stopped from the server (it kills the process), killed otherwise, or unable to write its end (a full
+            # disk): nothing could record it then.
             self._scratch.unlink(missing_ok=True)
             stats.update(status="STOPPED", message="training stopped before it finished; the served model is "
                          "unchanged")
-            self._write_stats(stats)
+            try:
+                self._write_stats(stats)
+            except OSError as e:
+                logger.error(f"cannot record the end of the training run in {self.stats_path.name}: {e}")
         return stats
 
     @property
@@ -166,7 +170,12 @@ class Raps3DTrain(TrainTask):
         except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
             stats = {**self.stats(), "status": "FAILED", "end_ts": time.time(),
                      "error": f"{type(e).__name__}: {e}", "message": "training failed; the served model is unchanged"}
-            self._write_stats(stats)
+            scratch.unlink(missing_ok=True)  # first: on a full disk it makes the room to record the failure
+            try:
+                self._write_stats(stats)
+            except OSError as write_error:  # the run's own error is what the task reports
+                logger.error(f"training failed ({stats['error']}) and that cannot be recorded in "
+                             f"{self.stats_path.name}: {write_error}")
             raise
         finally:
             scratch.unlink(missing_ok=True)
