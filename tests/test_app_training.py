@@ -114,8 +114,11 @@ def test_fine_tuning_keeps_the_image_encoder_fixed_unless_told_otherwise(train_s
         assert names, prefix
         return [k for k in names if not torch.equal(before[k], after[k])]
 
-    before = load_model(srv.model_path)[0].state_dict()
+    before, before_digest = load_model(srv.model_path)[0].state_dict(), digest(srv.model_path)
     train_and_publish(srv)
+    # The model it replaced is kept beside it (one generation), to go back to.
+    previous = srv.model_path.with_name("raps3d_finetuned.previous.pt")
+    assert digest(previous) == before_digest and digest(srv.model_path) != before_digest
     after, meta = load_model(srv.model_path)
     after = after.state_dict()
     assert meta["fine_tune"]["frozen"] == ["image_encoder."]

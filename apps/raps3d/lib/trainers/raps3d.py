@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ class Raps3DTrain(TrainTask):
                 raise ValueError("training diverged (weights or validation Dice not finite); try a lower lr")
             published = cfg["publish"] == "always" or (cfg["publish"] == "if_better" and candidate >= baseline)
             if published:
+                keep_previous(self.publish_path)
                 save_model(model.cpu(), self.publish_path, {**meta, "fine_tune": {**fine_tune, "val_dice": candidate,
                                                                                  "baseline_dice": baseline}})
         except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
@@ -188,6 +190,27 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+def previous_path(publish_path: Path) -> Path:
+    """Where the fine-tuned model that a publication replaced is kept (to go back to it: move it over the served
+    file)."""
+    return publish_path.with_name(f"{publish_path.stem}.previous{publish_path.suffix}")
+
+
+def keep_previous(publish_path: Path) -> None:
+    """Keeps the fine-tuned model about to be replaced as ``previous_path`` (one generation), without a moment where
+    the served file is missing: a hard link (or a copy where links are not possible) renamed into place."""
+    if not publish_path.exists():
+        return
+    previous = previous_path(publish_path)
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(publish_path, tmp)
+    except OSError:
+        shutil.copy2(publish_path, tmp)
+    os.replace(tmp, previous)
 
 
 PUBLISH_CHOICES = ("if_better", "always", "never")
