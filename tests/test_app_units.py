@@ -788,3 +788,18 @@ def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeyp
     stats = json.loads(task.stats_path.read_text())
     assert stats["status"] == "FAILED" and "No space left on device" in stats["error"]
     assert not task._scratch.exists() and not task.publish_path.exists()
+
+
+def test_the_train_task_says_when_it_cannot_write_its_model_folder(tmp_path):
+    from lib.trainers.raps3d import Raps3DTrain
+
+    (tmp_path / "a_file").write_text("not a folder")
+    task = Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", device="cpu",
+                                  trained_model_path=tmp_path / "a_file" / "model" / "tuned.pt"))
+    with pytest.raises(OSError, match=r"^the train task cannot write the folder of trained_model_path \('model'\): "
+                                      r"Not a directory"):
+        task.check_can_publish()
+    fine = Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", device="cpu",
+                                  trained_model_path=tmp_path / "model" / "tuned.pt"))
+    fine.check_can_publish()
+    assert (tmp_path / "model").is_dir() and not list((tmp_path / "model").iterdir())

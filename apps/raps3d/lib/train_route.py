@@ -2,8 +2,8 @@
 
 MONAI Label answers ``POST /train/{model}`` with 200 as soon as the training subprocess is started; a mistyped option
 (``lr: "fast"``, ``publish: "yes"``) then only shows up later, as a failed run in ``/info``. Checked here, it is a
-400 with the option's name. The run itself is started by MONAI Label (``run_model``), with the same parameters and
-role.
+400 with the option's name; a model folder the run could not write (read-only, full), a 503. The run itself is
+started by MONAI Label (``run_model``), with the same parameters and role.
 """
 
 from typing import Optional
@@ -37,6 +37,10 @@ def install(trainers: dict[str, Raps3DTrain], fastapi_app=None) -> bool:
                 training_options(params or {}, task.config())
             except ValueError as e:
                 raise HTTPException(status_code=400, detail=str(e)) from None
+            try:
+                task.check_can_publish()  # a read-only or full model folder: say so now, not in a dead run
+            except OSError as e:
+                raise HTTPException(status_code=503, detail=str(e)) from None
         return run_model(model, params, run_sync, enqueue)
 
     route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/train/{{model}}", raps3d_train, methods=["POST"],

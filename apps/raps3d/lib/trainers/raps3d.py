@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +86,21 @@ class Raps3DTrain(TrainTask):
 
     def _write_stats(self, stats: dict) -> None:
         _write_json(self.stats_path, stats)
+
+    def check_can_publish(self) -> None:
+        """OSError (with the reason) when the folder of ``trained_model_path`` cannot be written: a run there could
+        record neither its progress nor its result."""
+        folder = self.publish_path.parent
+        if folder.exists() and not folder.is_dir():
+            raise OSError(f"the train task cannot write the folder of trained_model_path ({folder.name!r}): it is a "
+                          "file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+                pass
+        except OSError as e:
+            raise OSError(f"the train task cannot write the folder of trained_model_path ({folder.name!r}): "
+                          f"{e.strerror or e}") from None
 
     def _cases(self, datastore: Datastore) -> tuple[list[Case], dict[str, str]]:
         """The images with a saved final label as training cases (read as inference reads them: HU checked,
