@@ -26,7 +26,7 @@ from lib.auto_prompt import soft_tissue_seed  # noqa: E402
 from lib.images import (Geometry, ImageReadError, check_label_values, image_key, read_image,  # noqa: E402
                         read_label_on_grid)
 from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
-from lib.model_service import ModelService, load_served  # noqa: E402
+from lib.model_service import ModelService, fallback_warning, load_served  # noqa: E402
 from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
 from lib.prompts import PromptFormatError, parse_prompts  # noqa: E402
 
@@ -532,10 +532,33 @@ def test_a_fine_tuned_checkpoint_that_cannot_be_loaded_leaves_the_base_serving(t
     assert status.trained and status.path == str(base)
     assert status.warning.startswith("WARNING: the fine-tuned checkpoint 'tuned.pt' cannot be loaded (")
     assert "serving the base model 'model.pt' instead" in status.warning and str(tmp_path) not in status.warning
-    model, _, path, warning = load_served(options)  # what the train task starts from
-    assert path == base and warning == status.warning
+    model, _, path, failure = load_served(options)  # what the train task starts from
+    assert path == base and status.warning == fallback_warning(options, failure)
     expected = raps3d.load_model(base)[0].state_dict()
     assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+
+    # Serving as the fallback, the base is still watched: a new base file is loaded.
+    service = ModelService(options)
+    engine = service.engine()
+    torch.manual_seed(2)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), base)
+    assert service.engine() is not engine and service.status().path == str(base)
+
+    # A fine-tuned file that stops loading while it serves (a copy still being written over it) does not replace
+    # the weights in use, nor drop the sessions; the status says why.
+    raps3d.save_model(raps3d.modeling.build_model("lite"), tuned)
+    engine, store = service.engine(), service.store()
+    assert service.status().path == str(tuned) and service.status().warning is None
+    tuned.write_bytes(tuned.read_bytes()[:5000])
+    assert service.engine() is engine and service.store() is store
+    assert service.status().warning.startswith("WARNING: the checkpoint 'tuned.pt' changed and cannot be loaded (")
+
+    # Neither loads: both reasons, without the server's folders.
+    base.write_bytes(b"not a checkpoint either")
+    status = ModelService(options).status()
+    assert not status.trained and "tuned.pt is not a readable" in status.warning
+    assert "and the base checkpoint: model.pt is not a readable" in status.warning
+    assert str(tmp_path) not in status.warning
 
 
 def test_idle_sessions_are_dropped_while_no_request_comes(tmp_path):
@@ -803,3 +826,19 @@ def test_the_train_task_says_when_it_cannot_write_its_model_folder(tmp_path):
                                   trained_model_path=tmp_path / "model" / "tuned.pt"))
     fine.check_can_publish()
     assert (tmp_path / "model").is_dir() and not list((tmp_path / "model").iterdir())
+
+
+def test_a_publication_keeps_the_model_it_replaces_only_when_that_one_loads(tmp_path):
+    from lib.trainers.raps3d import keep_previous, previous_path
+
+    served = tmp_path / "tuned.pt"
+    keep_previous(served)  # nothing served yet: nothing kept
+    assert not previous_path(served).exists()
+    raps3d.save_model(raps3d.modeling.build_model("lite"), served)
+    keep_previous(served)
+    kept = previous_path(served).read_bytes()
+    assert previous_path(served).name == "tuned.previous.pt" and kept == served.read_bytes()
+    served.write_bytes(served.read_bytes()[:5000])  # the served file broken: the good previous one stays
+    keep_previous(served)
+    assert previous_path(served).read_bytes() == kept
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,23 +65,38 @@ def checkpoint_summary(meta: dict) -> str:
     return "; ".join(parts)
 
 
+def without_folders(text: str, *paths) -> str:
+    """``text`` with each of ``paths`` shortened to its file name: clients see these messages, not server folders."""
+    for path in paths:
+        text = text.replace(str(path), Path(path).name)
+    return text
+
+
+def fallback_warning(options: AppOptions, reason: str) -> str:
+    return (f"WARNING: the fine-tuned checkpoint {options.trained_model_path.name!r} cannot be loaded ({reason}); "
+            f"serving the base model {options.model_path.name!r} instead. Replace or remove the fine-tuned file (a "
+            "training run that publishes replaces it).")
+
+
 def load_served(options: AppOptions) -> tuple[raps3d.modeling.Raps3D, dict, Path, str | None]:
-    """(model, metadata, path, warning) of the checkpoint to serve: the site's fine-tuned one when it loads, else the
-    base one, with a warning that says why (a fine-tuned file that cannot be read must not leave random weights
-    serving while a good base checkpoint is there). CheckpointError when the one to serve cannot be loaded."""
-    path = options.served_model_path
+    """(model, metadata, path, reason) of the checkpoint to serve: the site's fine-tuned one when it loads, else the
+    base one, with the reason the fine-tuned one did not load (a fine-tuned file that cannot be read must not leave
+    random weights serving while a good base checkpoint is there: see ``fallback_warning``). CheckpointError when the
+    one to serve cannot be loaded."""
+    path, base = options.served_model_path, options.model_path
     try:
         model, meta = raps3d.load_model(path)
         return model, meta, path, None
     except raps3d.CheckpointError as e:
-        base = options.model_path
         if path == base or not base.exists():
             raise
+        reason = without_folders(str(e), path, base)
+    try:
         model, meta = raps3d.load_model(base)
-        reason = str(e).replace(str(path), path.name)
-        return model, meta, base, (f"WARNING: the fine-tuned checkpoint {path.name!r} cannot be loaded ({reason}); "
-                                   f"serving the base model {base.name!r} instead. Replace or remove the fine-tuned "
-                                   "file (a training run that publishes replaces it).")
+    except raps3d.CheckpointError as e:
+        raise raps3d.CheckpointError(f"{reason}; and the base checkpoint: {without_folders(str(e), path, base)}") \
+            from None
+    return model, meta, base, reason
 
 
 def _release_free_memory() -> None:
@@ -102,7 +117,7 @@ class ModelService:
     def __init__(self, options: AppOptions):
         self.options = options
         self._lock = threading.Lock()
-        self._checked_signature: str | None = None  # the checkpoint file the weights in use were chosen for
+        self._checked_signature: tuple | None = None  # the checkpoint files the weights in use were chosen for
         self._status: ModelStatus | None = None
         self._engine: raps3d.Engine | None = None
         self._store: raps3d.SessionStore | None = None
@@ -112,7 +127,7 @@ class ModelService:
         """What the service runs, or would run if it loaded now. Only looks at the file: cheap enough for /info."""
         path = self.options.served_model_path
         sig = _checkpoint_signature(path)
-        if self._status is not None and sig == self._checked_signature:
+        if self._status is not None and self._watched() == self._checked_signature:
             return self._status
         if sig is None:
             return ModelStatus(str(path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, untrained_warning(path))
@@ -133,31 +148,54 @@ class ModelService:
                 logger.warning(f"Raps-3D: checkpoint {path} disappeared; keeping the model in use")
                 return None
             return self._untrained(path, untrained_warning(path))
+        base = self.options.model_path
+        if self._engine is not None and self._status.path == str(path) and self._status.weights == sig:
+            return None  # only the other checkpoint changed, and it is not the one serving
         try:
-            model, meta, loaded, warning = load_served(self.options)
+            model, meta, loaded, failure = load_served(self.options)
         except raps3d.CheckpointError as e:
+            reason = without_folders(str(e), path, base)
             if self._engine is not None:
-                logger.error(f"Raps-3D: cannot load the changed checkpoint ({e}); keeping the model in use")
-                return None
-            reason = str(e).replace(str(path), os.path.basename(str(path)))  # clients see it: no server folders
+                return self._keep(path, reason)
             return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {reason}")
+        if failure and self._engine is not None and (
+                self._status.path == str(path) or
+                (self._status.path == str(base) and self._status.weights == _checkpoint_signature(base))):
+            # The served file changed into one that does not load (most likely a copy still being written), and
+            # what serves is its earlier state, or the unchanged base: keep it, and the sessions.
+            return self._keep(path, failure)
+        warning = fallback_warning(self.options, failure) if failure else None
         if warning:
             logger.error(f"Raps-3D: {warning}")
         logger.info(f"Raps-3D: loaded checkpoint {loaded} ({model.config.name}); {checkpoint_summary(meta)}")
-        return model, ModelStatus(str(loaded), True, sig, model.config.name, warning)
+        return model, ModelStatus(str(loaded), True, _checkpoint_signature(loaded), model.config.name, warning)
+
+    def _keep(self, path, reason: str) -> None:
+        """Keeps the model in use (returns None for ``_choose_model``), saying in the status why."""
+        logger.error(f"Raps-3D: the checkpoint {path} changed and cannot be loaded ({reason}); keeping the model in use")
+        self._status = replace(self._status, warning=(
+            f"WARNING: the checkpoint {Path(path).name!r} changed and cannot be loaded ({reason}); the model loaded "
+            "before serves until it can."))
+        return None
+
+    def _watched(self) -> tuple:
+        """The state of both checkpoint files: the base may be what serves (as the fallback), or become it."""
+        return (_checkpoint_signature(self.options.served_model_path),
+                _checkpoint_signature(self.options.model_path))
 
     def _ensure(self) -> None:
         path = self.options.served_model_path
-        sig = _checkpoint_signature(path)
-        if self._engine is not None and sig == self._checked_signature:
+        watched = self._watched()
+        if self._engine is not None and watched == self._checked_signature:
             return
         with self._lock:
-            if self._engine is not None and sig == self._checked_signature:
+            watched = self._watched()
+            if self._engine is not None and watched == self._checked_signature:
                 return
             if self._engine is None and self.options.torch_threads > 0:
                 torch.set_num_threads(self.options.torch_threads)
-            chosen = self._choose_model(path, sig)
-            self._checked_signature = sig  # a file that failed to load is not retried until it changes
+            chosen = self._choose_model(path, watched[0])
+            self._checked_signature = watched  # a file that failed to load is not retried until it changes
             if chosen is None:
                 return
             model, status = chosen

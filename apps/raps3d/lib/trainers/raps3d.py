@@ -30,7 +30,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from raps3d import ImageError, check_volume, load_model, save_model
-from raps3d.checkpoint import remove_stale_writes
+from raps3d.checkpoint import CheckpointError, read_checkpoint, remove_stale_writes
 from raps3d.modeling import build_model
 from raps3d.training.data import Case, label_structures
 from raps3d.training.sampling import compact_volume
@@ -38,7 +38,7 @@ from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
 from ..images import ImageReadError, read_image, read_label_on_grid
-from ..model_service import load_served
+from ..model_service import fallback_warning, load_served
 from ..options import AppOptions
 
 logger = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ class Raps3DTrain(TrainTask):
 
             served = self.options.served_model_path
             if served.exists():
-                model, meta, served, warning = load_served(self.options)  # the base, when the fine-tuned one is bad
-                if warning:
-                    logger.warning(warning)
-                    stats["warning"] = warning
+                model, meta, served, failure = load_served(self.options)  # the base, when the fine-tuned one is bad
+                if failure:
+                    stats["warning"] = fallback_warning(self.options, failure)
+                    logger.warning(stats["warning"])
             else:
                 logger.warning("no served checkpoint: fine-tuning starts from an untrained 'lite' model")
                 model, meta = build_model("lite"), {}
@@ -215,18 +215,19 @@ def previous_path(publish_path: Path) -> Path:
 
 
 def keep_previous(publish_path: Path) -> None:
-    """Keeps the fine-tuned model about to be replaced as ``previous_path`` (one generation), without a moment where
-    the served file is missing: a hard link (or a copy where links are not possible) renamed into place."""
-    if not publish_path.exists():
+    """Keeps the fine-tuned model about to be replaced as ``previous_path`` (one generation; only one that loads): a
+    copy renamed into place, so that the served file is never missing."""
+    try:
+        read_checkpoint(publish_path)
+    except CheckpointError:  # none, or one that does not load: a good previous one stays
         return
     previous = previous_path(publish_path)
     tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(publish_path, tmp)
-    except OSError:
-        shutil.copy2(publish_path, tmp)
-    os.replace(tmp, previous)
+        shutil.copy2(publish_path, tmp)  # a copy, not a link: a file copied over the served one in place leaves it
+        os.replace(tmp, previous)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 PUBLISH_CHOICES = ("if_better", "always", "never")
