@@ -144,6 +144,10 @@ def test_batch_infer_takes_only_the_datastores_images(server, outside_ct):
                       json={"images": [str(outside_ct), IMAGE], "foreground": [CLICK]}, timeout=300)
     assert r.status_code == 404, r.text[:500]
     assert r.json()["detail"] == f"not in the datastore: {[str(outside_ct)]!r}"
+    r = requests.post(f"{server.url}/batch/infer/raps3d", params={"run_sync": "true"},
+                      json={"images": {str(outside_ct): 0}, "foreground": [CLICK]}, timeout=300)
+    assert r.status_code == 400, r.text[:500]
+    assert r.json()["detail"] == "images must be 'all', 'labeled', 'unlabeled' or a list of image ids"
 
 
 def session_of(server, content: bytes, filename: str, uncompress: bool = False):

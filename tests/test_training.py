@@ -225,12 +225,13 @@ def test_the_training_command_refuses_bad_arguments_with_a_clear_message(tmp_pat
     from raps3d.training.__main__ import main
 
     out = str(tmp_path / "m.pt")
-    for argv, message in [(["--steps", "0"], "--steps: must be at least 1, got 0"),
-                          (["--steps", "-5"], "--steps: must be at least 1, got -5"),
-                          (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
-                          (["--save-every", "0"], "--save-every: must be at least 1, got 0"),
-                          (["--lr", "-1"], "--lr: must be at least 1e-12, got -1"),
-                          (["--lr", "nan"], "--lr: must be at least 1e-12, got nan"),
+    for argv, message in [(["--steps", "0"], "--steps: must be a finite number of at least 1, got 0"),
+                          (["--steps", "-5"], "--steps: must be a finite number of at least 1, got -5"),
+                          (["--batch-size", "0"], "--batch-size: must be a finite number of at least 1, got 0"),
+                          (["--save-every", "0"], "--save-every: must be a finite number of at least 1, got 0"),
+                          (["--lr", "-1"], "--lr: must be a finite number of at least 1e-12, got -1"),
+                          (["--lr", "nan"], "--lr: must be a finite number of at least 1e-12, got nan"),
+                          (["--lr", "inf"], "--lr: must be a finite number of at least 1e-12, got inf"),
                           (["--steps", "x"], "--steps: expected a whole number, got 'x'"),
                           (["--mid-zoom-fraction", "2"], "--mid-zoom-fraction: must be at most 1, got 2.0")]:
         with pytest.raises(SystemExit) as e:

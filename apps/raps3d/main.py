@@ -88,6 +88,9 @@ class Raps3DApp(MONAILabelApp):
     def batch_infer(self, request, datastore=None):
         # MONAI Label opens any path listed in "images" (a file elsewhere on the server): only the datastore's ids.
         images = request.get("images")
+        if images is not None and not isinstance(images, (str, list)):  # MONAI Label would take a dict's keys
+            raise HTTPException(status_code=400, detail="images must be 'all', 'labeled', 'unlabeled' or a list of "
+                                                        "image ids")
         if isinstance(images, list):
             known = set((datastore or self.datastore()).list_images())
             unknown = [i for i in images if not isinstance(i, str) or i not in known]

@@ -73,8 +73,13 @@ def raps3d_infer(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     checked_params(params, image, file is not None)
-    if file is None and not live_session(session_id):  # a session's image replaces the request's
-        check_image_id(image, lambda: set(app_instance().datastore().list_images()))
+    if file is None:
+        if live_session(session_id):
+            # The session's image replaces the request's; should the session end meanwhile, MONAI Label would
+            # fall back to the request's, unchecked: it is not passed on.
+            image = ""
+        else:
+            check_image_id(image, lambda: set(app_instance().datastore().list_images()))
     try:
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
     except BaseException:

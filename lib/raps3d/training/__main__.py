@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -57,8 +58,8 @@ def at_least(low, kind=int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {text!r}")
-        if not value >= low:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not (value >= low and math.isfinite(value)):  # also refuses NaN and infinity
+            raise argparse.ArgumentTypeError(f"must be a finite number of at least {low}, got {text}")
         return value
     return parse
 
