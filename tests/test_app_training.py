@@ -100,6 +100,8 @@ def train_and_publish(srv, **options) -> None:
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2, "publish": "always", **options},
                       timeout=60)
     assert r.status_code == 200, r.text
+    # At once, before the run's process has written anything, /info shows it running, not the last run's end.
+    assert train_stats(srv)["status"] == "RUNNING"
     assert wait_for_training(srv)["status"] == "DONE"
     assert train_stats(srv)["published"] is True
 

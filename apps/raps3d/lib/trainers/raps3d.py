@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,12 @@ class Raps3DTrain(TrainTask):
         try:
             stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
+            stats = {}
+        launched = _launched_since(stats.get("start_ts") or 0.0)
+        if launched is not None:  # the new run's process has not written its stats yet: not the last run's status
+            return {"name": stats.get("name", "raps3d"), "status": "RUNNING", "start_ts": launched, "epoch": 0,
+                    "total_epochs": None, "best_metric": None, "message": "starting: reading the labelled images"}
+        if not stats:
             return {}
         if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host"),
                                                             stats.get("process_start")):
@@ -206,6 +213,21 @@ class Raps3DTrain(TrainTask):
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
+
+
+def _launched_since(start_ts: float) -> float | None:
+    """When MONAI Label (in the server's process, which answers /info) launched a train run that is still going and
+    began after ``start_ts``; None otherwise (and in the training process itself, which launched nothing)."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    runs = tasks("train")
+    if not runs or runs[-1].get("status") not in ("SUBMITTED", "RUNNING"):
+        return None
+    try:  # MONAI Label records local time to the second
+        launched = datetime.strptime(runs[-1]["start_ts"], "%Y-%m-%d %H:%M:%S").timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+    return launched if start_ts < launched - 1.0 else None
 
 
 def previous_path(publish_path: Path) -> Path:
