@@ -71,7 +71,7 @@ class Raps3DTrain(TrainTask):
         launched = _launched_since(stats.get("start_ts") or 0.0)
         if launched is not None:  # the new run's process has not written its stats yet: not the last run's status
             return {"name": stats.get("name", "raps3d"), "status": "RUNNING", "start_ts": launched, "epoch": 0,
-                    "total_epochs": None, "best_metric": None, "message": "starting: reading the labelled images"}
+                    "total_epochs": None, "best_metric": None, "message": "starting"}
         if not stats:
             return {}
         if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host"),
