@@ -141,40 +141,48 @@ class ModelService:
             model = build_model(UNTRAINED_CONFIG)
         return model, ModelStatus(str(path), False, UNTRAINED_WEIGHTS, UNTRAINED_CONFIG, warning)
 
-    def _choose_model(self, path, sig: str | None):
-        """The model to run for checkpoint ``path`` in state ``sig``, or None to keep the one in use."""
+    def _choose_model(self, path, watched: tuple):
+        """The model to run for the checkpoint files in state ``watched`` (see ``_watched``; ``path`` is the one to
+        serve), or None to keep the one in use."""
+        sig, base_sig = watched
+        base, status = self.options.model_path, self._status
+        serving_trained = self._engine is not None and status is not None and status.trained
         if sig is None:
             if self._engine is not None:
                 logger.warning(f"Raps-3D: checkpoint {path} disappeared; keeping the model in use")
                 return None
             return self._untrained(path, untrained_warning(path))
-        base = self.options.model_path
-        if self._engine is not None and self._status.path == str(path) and self._status.weights == sig:
-            return None  # only the other checkpoint changed, and it is not the one serving
+        if serving_trained and status.path == str(path) and status.weights == sig:
+            # What serves is the file to serve, as it was: only the other one changed, and no warning applies (the
+            # broken fine-tuned file that made the base serve is gone, say).
+            self._status = replace(status, warning=None)
+            return None
         try:
             model, meta, loaded, failure = load_served(self.options)
         except raps3d.CheckpointError as e:
             reason = without_folders(str(e), path, base)
-            if self._engine is not None:
-                return self._keep(path, reason)
+            if serving_trained:
+                return self._keep(watched, reason)
             return self._untrained(path, f"{untrained_warning(path)} Loading it failed: {reason}")
-        if failure and self._engine is not None and (
-                self._status.path == str(path) or
-                (self._status.path == str(base) and self._status.weights == _checkpoint_signature(base))):
+        if failure and serving_trained and (status.path == str(path) or
+                                            (status.path == str(base) and status.weights == base_sig)):
             # The served file changed into one that does not load (most likely a copy still being written), and
             # what serves is its earlier state, or the unchanged base: keep it, and the sessions.
-            return self._keep(path, failure)
+            return self._keep(watched, failure)
         warning = fallback_warning(self.options, failure) if failure else None
         if warning:
             logger.error(f"Raps-3D: {warning}")
         logger.info(f"Raps-3D: loaded checkpoint {loaded} ({model.config.name}); {checkpoint_summary(meta)}")
         return model, ModelStatus(str(loaded), True, _checkpoint_signature(loaded), model.config.name, warning)
 
-    def _keep(self, path, reason: str) -> None:
-        """Keeps the model in use (returns None for ``_choose_model``), saying in the status why."""
-        logger.error(f"Raps-3D: the checkpoint {path} changed and cannot be loaded ({reason}); keeping the model in use")
+    def _keep(self, watched: tuple, reason: str) -> None:
+        """Keeps the trained model in use (returns None for ``_choose_model``), saying in the status why."""
+        checked = self._checked_signature or (None, None)
+        changed = self.options.model_path if watched[0] == checked[0] else self.options.served_model_path
+        logger.error(f"Raps-3D: the checkpoint {changed} changed and cannot be loaded ({reason}); keeping the model "
+                     "in use")
         self._status = replace(self._status, warning=(
-            f"WARNING: the checkpoint {Path(path).name!r} changed and cannot be loaded ({reason}); the model loaded "
+            f"WARNING: the checkpoint {changed.name!r} changed and cannot be loaded ({reason}); the model loaded "
             "before serves until it can."))
         return None
 
@@ -194,19 +202,21 @@ class ModelService:
                 return
             if self._engine is None and self.options.torch_threads > 0:
                 torch.set_num_threads(self.options.torch_threads)
-            chosen = self._choose_model(path, watched[0])
-            self._checked_signature = watched  # a file that failed to load is not retried until it changes
+            chosen = self._choose_model(path, watched)
             if chosen is None:
+                self._checked_signature = watched  # a file that failed to load is not retried until it changes
                 return
             model, status = chosen
             engine = raps3d.Engine(model, resolve_device(self.options.device), bf16=self.options.bf16)
             if self._store is not None:
                 logger.info("Raps-3D: model changed; open interaction sessions are dropped")
-            self._engine = engine
+            self._engine, self._status = engine, status
             self._store = raps3d.SessionStore(engine, self.options.max_images, self.options.max_objects,
                                               self.options.idle_seconds)
             self._start_sweeper()
-            self._status = status
+            # Last: the unlocked check above then sees the new state whole, and a failure before this (no memory
+            # for the new engine) is tried again on the next request.
+            self._checked_signature = watched
 
     def _start_sweeper(self) -> None:
         """A daemon thread that expires idle sessions while no request comes, and hands the freed memory back to
