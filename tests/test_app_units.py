@@ -553,12 +553,47 @@ def test_a_fine_tuned_checkpoint_that_cannot_be_loaded_leaves_the_base_serving(t
     assert service.engine() is engine and service.store() is store
     assert service.status().warning.startswith("WARNING: the checkpoint 'tuned.pt' changed and cannot be loaded (")
 
-    # Neither loads: both reasons, without the server's folders.
+    # Back to the base as the fallback; the base breaks while it serves: it keeps serving, and the warning names it.
+    service = ModelService(options)
+    engine = service.engine()
+    assert service.status().path == str(base)
+    good_base = base.read_bytes()
+    base.write_bytes(good_base[:5000])
+    assert service.engine() is engine
+    assert service.status().warning.startswith("WARNING: the checkpoint 'model.pt' changed and cannot be loaded (")
+    base.write_bytes(good_base)
+    engine = service.engine()  # the base is loaded again (the broken fine-tuned file still there: with the warning)
+    assert service.status().warning.startswith("WARNING: the fine-tuned checkpoint 'tuned.pt' cannot be loaded")
+    # The broken fine-tuned file removed, as the warning asks: the base serves on, and the warning goes.
+    tuned.unlink()
+    assert service.engine() is engine and service.status().warning is None and service.status().path == str(base)
+
+    # Neither loads: both reasons, without the server's folders; random weights serve until a base loads.
+    raps3d.save_model(raps3d.modeling.build_model("lite"), tuned)
+    tuned.write_bytes(tuned.read_bytes()[:5000])
     base.write_bytes(b"not a checkpoint either")
-    status = ModelService(options).status()
+    service = ModelService(options)
+    status = service.status()
     assert not status.trained and "tuned.pt is not a readable" in status.warning
     assert "and the base checkpoint: model.pt is not a readable" in status.warning
     assert str(tmp_path) not in status.warning
+    base.write_bytes(good_base)
+    assert service.status().trained and service.status().path == str(base)
+
+
+def test_a_model_that_could_not_be_set_up_is_tried_again(tmp_path, monkeypatch):
+    import lib.model_service as model_service
+
+    base = tmp_path / "model.pt"
+    raps3d.save_model(raps3d.modeling.build_model("lite"), base)
+    service = ModelService(AppOptions(model_path=base, trained_model_path=tmp_path / "tuned.pt", device="cpu"))
+    engine = service.engine()
+    raps3d.save_model(raps3d.modeling.build_model("lite"), tmp_path / "tuned.pt")
+    with monkeypatch.context() as m:
+        m.setattr(model_service.raps3d, "Engine", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no memory")))
+        with pytest.raises(MemoryError):
+            service.engine()
+    assert service.engine() is not engine and service.status().path == str(tmp_path / "tuned.pt")
 
 
 def test_idle_sessions_are_dropped_while_no_request_comes(tmp_path):
@@ -813,7 +848,7 @@ def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeyp
     assert not task._scratch.exists() and not task.publish_path.exists()
 
 
-def test_the_train_task_says_when_it_cannot_write_its_model_folder(tmp_path):
+def test_the_train_task_says_when_it_cannot_write_its_model_folder(tmp_path, monkeypatch):
     from lib.trainers.raps3d import Raps3DTrain
 
     (tmp_path / "a_file").write_text("not a folder")
@@ -826,6 +861,45 @@ def test_the_train_task_says_when_it_cannot_write_its_model_folder(tmp_path):
                                   trained_model_path=tmp_path / "model" / "tuned.pt"))
     fine.check_can_publish()
     assert (tmp_path / "model").is_dir() and not list((tmp_path / "model").iterdir())
+    from collections import namedtuple
+
+    # A full disk: an empty test file can still be made there, but no checkpoint.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=r"\('model'\) has 1 MiB free; a training run needs about 256 MiB there"):
+        fine.check_can_publish()
+
+
+def test_info_shows_the_run_monai_label_launched_until_its_process_reports(tmp_path, monkeypatch):
+    import datetime
+    import json
+    import socket
+
+    from monailabel.utils.async_tasks import utils as async_tasks
+
+    from lib.trainers.raps3d import Raps3DTrain, _process_start
+
+    task = Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", device="cpu",
+                                  trained_model_path=tmp_path / "model" / "tuned.pt"))
+    task.stats_path.parent.mkdir()
+    earlier = {"name": "raps3d", "status": "FINISHED", "start_ts": 1000.0, "published": True, "message": "published"}
+    task.stats_path.write_text(json.dumps(earlier))
+    now = datetime.datetime.today().strftime("%Y-%m-%d %H:%M:%S")
+    runs = []
+    monkeypatch.setitem(async_tasks.background_tasks, "train", runs)
+    assert task.stats() == earlier  # nothing launched since
+    runs.append({"id": "1", "status": "SUBMITTED", "start_ts": now})
+    assert task.stats()["status"] == "RUNNING" and task.stats()["message"] == "starting"
+    runs[-1]["status"] = "ERROR"  # it ended before its process wrote anything
+    assert task.stats()["status"] == "FAILED" and "ended before it reported" in task.stats()["message"]
+    runs[-1]["status"] = "DONE"
+    assert task.stats() == earlier
+    # A run that is going (its process alive) is shown even while another one waits in MONAI Label's queue.
+    going = {"name": "raps3d", "status": "RUNNING", "start_ts": 1000.0, "pid": os.getpid(),
+             "host": socket.gethostname(), "process_start": _process_start(os.getpid()), "epoch": 120}
+    task.stats_path.write_text(json.dumps(going))
+    runs.append({"id": "2", "status": "SUBMITTED", "start_ts": now})
+    assert task.stats() == going
 
 
 def test_a_publication_keeps_the_model_it_replaces_only_when_that_one_loads(tmp_path):

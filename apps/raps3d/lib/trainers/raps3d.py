@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_TAG = "final"
 MIN_VOXELS = 20
+MIN_FREE_BYTES = 256 * 2**20  # free space a run needs beside trained_model_path when no checkpoint tells its size
 
 
 class Raps3DTrain(TrainTask):
@@ -68,14 +69,21 @@ class Raps3DTrain(TrainTask):
             stats = json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             stats = {}
-        launched = _launched_since(stats.get("start_ts") or 0.0)
-        if launched is not None:  # the new run's process has not written its stats yet: not the last run's status
-            return {"name": stats.get("name", "raps3d"), "status": "RUNNING", "start_ts": launched, "epoch": 0,
-                    "total_epochs": None, "best_metric": None, "message": "starting"}
+        alive = stats.get("status") == "RUNNING" and _alive(stats.get("pid"), stats.get("host"),
+                                                             stats.get("process_start"))
+        latest = None if alive else _launched_since(stats.get("start_ts") or 0.0)
+        if latest is not None:  # a later run whose process has not written its stats (yet): not the last run's
+            state, launched = latest
+            base = {"name": stats.get("name", "raps3d"), "start_ts": launched, "epoch": 0, "total_epochs": None,
+                    "best_metric": None}
+            if state in ("SUBMITTED", "RUNNING"):
+                return {**base, "status": "RUNNING", "message": "starting"}
+            return {**base, "status": "FAILED" if state == "ERROR" else "STOPPED",
+                    "message": "the run ended before it reported (its log: GET /train/); the served model is "
+                               "unchanged"}
         if not stats:
             return {}
-        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("host"),
-                                                            stats.get("process_start")):
+        if stats.get("status") == "RUNNING" and not alive:
             # Stopped from the server (it kills the process), killed otherwise, or unable to write its end (a full
             # disk): nothing could record it then.
             self._scratch.unlink(missing_ok=True)
@@ -105,9 +113,16 @@ class Raps3DTrain(TrainTask):
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
                 pass
+            free = shutil.disk_usage(folder).free
         except OSError as e:
             raise OSError(f"the train task cannot write the folder of trained_model_path ({folder.name!r}): "
                           f"{e.strerror or e}") from None
+        # The fp32 candidate, the published fp16 model and the kept previous one: about 4 served checkpoints.
+        served = self.options.served_model_path
+        needed = 4 * served.stat().st_size if served.is_file() else MIN_FREE_BYTES
+        if free < needed:
+            raise OSError(f"the folder of trained_model_path ({folder.name!r}) has {free / 2**20:.0f} MiB free; a "
+                          f"training run needs about {needed / 2**20:.0f} MiB there")
 
     def _cases(self, datastore: Datastore) -> tuple[list[Case], dict[str, str]]:
         """The images with a saved final label as training cases (read as inference reads them: HU checked,
@@ -134,8 +149,8 @@ class Raps3DTrain(TrainTask):
 
     def __call__(self, request, datastore: Datastore):
         self.publish_path.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.publish_path, self._scratch):  # half-written files of a run killed while saving
-            remove_stale_writes(path)
+        for path in (self.publish_path, self._scratch, previous_path(self.publish_path)):
+            remove_stale_writes(path)  # half-written files of a run killed while saving
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
                  "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname(),
                  "process_start": _process_start(os.getpid())}
@@ -215,19 +230,20 @@ class Raps3DTrain(TrainTask):
         return stats
 
 
-def _launched_since(start_ts: float) -> float | None:
-    """When MONAI Label (in the server's process, which answers /info) launched a train run that is still going and
-    began after ``start_ts``; None otherwise (and in the training process itself, which launched nothing)."""
+def _launched_since(start_ts: float) -> tuple[str, float] | None:
+    """(MONAI Label's status, launch time) of the last train run MONAI Label launched, when it began after
+    ``start_ts``; None otherwise. Only the server's process (which answers /info) knows its runs; the training
+    process launched none."""
     from monailabel.utils.async_tasks.utils import tasks
 
     runs = tasks("train")
-    if not runs or runs[-1].get("status") not in ("SUBMITTED", "RUNNING"):
+    if not runs or runs[-1].get("status") == "DONE":  # a finished run wrote its stats
         return None
     try:  # MONAI Label records local time to the second
         launched = datetime.strptime(runs[-1]["start_ts"], "%Y-%m-%d %H:%M:%S").timestamp()
     except (KeyError, TypeError, ValueError):
         return None
-    return launched if start_ts < launched - 1.0 else None
+    return (str(runs[-1].get("status")), launched) if start_ts < launched - 1.0 else None
 
 
 def previous_path(publish_path: Path) -> Path:
