@@ -50,10 +50,9 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     file: UploadFile = File(...),
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
 ):
-    if image:
-        check_plain_name(image, "the image id")
-    elif uploaded_image_id(file.filename):
-        check_plain_name(uploaded_image_id(file.filename), "the image id (the uploaded file's name)")
+    image_id = image or uploaded_image_id(file.filename)
+    if image_id:
+        check_plain_name(image_id, "the image id" if image else "the image id (the uploaded file's name)")
     parse_params(params)
     try:
         return add_image(background_tasks, image, params, file, user.username)

@@ -239,8 +239,8 @@ def check_label_values(label: np.ndarray, name: str) -> None:
     if high > 65535:
         raise ImageReadError(f"the label {name!r} holds values up to {high:g}; a label map's are at most 65535")
     present = np.zeros(int(high) + 1, dtype=bool)
-    for row in label.reshape(-1, label.shape[-1]):  # row by row: no full-size copy
-        present[row.astype(np.int64)] = True
+    for plane in label.reshape(len(label), -1):  # slice by slice: no full-size copy
+        present[plane.astype(np.int64)] = True
     count = int(np.count_nonzero(present[1:]))
     if count > MAX_LABEL_VALUES:
         raise ImageReadError(f"the label {name!r} holds {count} different structure values, more than the "

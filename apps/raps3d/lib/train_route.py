@@ -2,8 +2,8 @@
 
 MONAI Label answers ``POST /train/{model}`` with 200 as soon as the training subprocess is started; a mistyped option
 (``lr: "fast"``, ``publish: "yes"``) then only shows up later, as a failed run in ``/info``. Checked here, it is a
-400 with the option's name; a model folder the run could not write (read-only, a file, too little free space), a 503. The run itself is
-started by MONAI Label (``run_model``), with the same parameters and role.
+400 with the option's name; a model folder the run could not write (read-only, a file, too little free space), a
+503. The run itself is started by MONAI Label (``run_model``), with the same parameters and role.
 """
 
 from typing import Optional

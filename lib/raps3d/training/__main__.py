@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, init_model, load_model, read_checkpoint
+from ..checkpoint import CheckpointError, init_model, load_model
 from ..modeling import build_model
 from .data import data_root, training_cases, validation_cases
 from .packed import load_packed
