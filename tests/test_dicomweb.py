@@ -209,6 +209,10 @@ def test_series_with_a_missing_slice_is_refused_with_the_reason(dicomweb_server,
 
 def test_scoring_records_a_refused_series_and_scores_the_others(dicomweb_server, orthanc):
     missing, phantom = orthanc.series["phantom_missing_slice"], orthanc.series["phantom"]
+    # Scoring at start fetches nothing (see below): a viewer opens both series first.
+    assert requests.get(f"{dicomweb_server.url}/datastore/image", params={"image": phantom.series_uid},
+                        timeout=120).status_code == 200
+    assert dicomweb_server.infer(missing.series_uid, {"foreground": [[80, 64, 24]]}).status_code == 422
     r = requests.post(f"{dicomweb_server.url}/scoring/raps3d_uncertainty", params={"run_sync": "true"}, timeout=900)
     assert r.status_code == 200, r.text[:300]
     summary = r.json()
