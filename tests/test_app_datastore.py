@@ -204,6 +204,14 @@ def test_an_archive_that_would_unpack_outside_its_folder_is_refused(server):
     assert r.status_code == 200, r.text
 
 
+def test_a_session_upload_whose_name_names_a_folder_is_400(server):
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    for name in ("..", "series/..", "."):
+        r = session_of(server, ct, name)
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == f"the file name {name!r} names a folder, not a file"
+
+
 def label_bytes(array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> bytes:
     import tempfile
 

@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.session import create_session
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.utils.others.generic import get_basename
 
 from .routes import put_first
 
@@ -55,8 +56,12 @@ async def raps3d_create_session(  # on the event loop, as MONAI Label's route
     files: List[UploadFile] = File(...),
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    if uncompress:
-        for upload in files:
+    for upload in files:
+        # MONAI Label writes each upload under its name's last part: "..", "." or "x/.." would name a folder (500).
+        if upload.filename and get_basename(upload.filename) in (".", ".."):
+            raise HTTPException(status_code=400, detail=f"the file name {upload.filename[:200]!r} names a folder, "
+                                                        "not a file")
+        if uncompress:
             check_archive(upload)
     return create_session(background_tasks, uncompress, expiry, files)
 
