@@ -1,5 +1,5 @@
 """A client reaches only the datastore (image ids and label tags cannot name files elsewhere on the server), and a
-label saved there is one training can read."""
+label saved there is one training can read, and an image added there one requests can segment."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import pytest
 import requests
 
-from conftest import SAMPLE_IMAGES
+from conftest import BAD_IMAGES, SAMPLE_IMAGES
 
 IMAGE = "phantom_03"
 CLICK = [80, 64, 24]
@@ -116,6 +116,32 @@ def test_an_image_upload_stays_inside_the_datastore(server, route):
     work = server.log.parent
     assert not list(work.glob("escaped*")) and not list(server.studies.glob("*escaped*"))
     assert not list(work.glob("*.nii.gz")), "nothing was written beside the datastore"
+
+
+def test_an_image_that_no_request_could_segment_is_422_and_not_added(server):
+    listing = f"{server.url}/datastore/"
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    for bad, fragment in [("corrupt", "cannot read 'corrupt.nii.gz' as an image"), ("rgb", "3 values per voxel"),
+                          ("nan", "NaN or infinite"), ("oneslice", "single slice"),
+                          ("mr", "'mr.nii.gz' does not look like CT in Hounsfield units")]:
+        content = (server.studies / BAD_IMAGES[bad]).read_bytes()
+        r = requests.put(f"{server.url}/datastore/image", params={"image": f"upload_{bad}"},
+                         files={"file": (BAD_IMAGES[bad], content, "application/octet-stream")},
+                         data={"params": "{}"}, timeout=60)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["detail"].startswith("the image cannot be added: ") and fragment in r.json()["detail"]
+        assert f"upload_{bad}" not in requests.get(listing, params={"output": "all"}, timeout=60).json()["objects"]
+    assert set(scratch.iterdir()) == before
+    # A CT is added, under the id given.
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "upload_ct"},
+                     files={"file": ("ct.nii.gz", ct, "application/octet-stream")}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"image": "upload_ct"}, r.text
+    try:
+        assert (server.studies / "upload_ct.nii.gz").read_bytes() == ct
+    finally:
+        assert requests.delete(listing, params={"id": "upload_ct"}, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize("route,query", [

@@ -1,15 +1,17 @@
 """MONAI Label's datastore uploads and removals, with image ids, label tags and labels checked first.
 
 MONAI Label 0.8.5's local datastore joins ids and tags into file paths unchecked: ``PUT /datastore/label?tag=../../x``
-writes the uploaded file outside the datastore, under a name the client picks; ``PUT /datastore/image?image=../x``
-an image; an upload named ``x/..`` without ``image`` registers the id ``..``, and removing that image removes the
-folder above the datastore. Here ids and tags must be plain names (400 otherwise), a label must be for an image of
-the datastore (404, where MONAI Label answered 500) and a label map that training can read on that image's grid
-(422: MONAI Label stored any file, and the image then counted as done, until a training run skipped it), and a
-refused request's upload is removed at once. The saving and removing itself is MONAI Label's (``add_image``,
-``save_label``, ``remove_image``, ``remove_label``), with the same parameters and roles.
+writes the uploaded file outside the datastore, under a name the client picks; ``PUT /datastore/image?image=../x`` an
+image; an upload named ``x/..`` without ``image`` registers the id ``..``, and removing that image removes the folder
+above the datastore. Here ids and tags must be plain names (400 otherwise), a label must be for an image of the
+datastore (404, where MONAI Label answered 500) and a label map that training can read on that image's grid (422: MONAI
+Label stored any file, and the image then counted as done, until a training run skipped it), an image must read as a CT
+volume that requests can segment (422), and a refused request's upload is removed at once. The saving and removing
+itself is MONAI Label's (``add_image``, ``save_label``, ``remove_image``, ``remove_label``), with the same parameters
+and roles.
 """
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -19,6 +21,7 @@ from typing import Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints.datastore import add_image, remove_image, remove_label, save_label
@@ -26,8 +29,9 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
+from raps3d import ImageError, check_volume
 
-from .images import ImageReadError, read_geometry, read_label_on_grid
+from .images import ImageReadError, read_geometry, read_image, read_label_on_grid
 from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     if image_id:
         check_plain_name(image_id, "the image id" if image else "the image id (the uploaded file's name)")
     parse_params(params)
+    await run_in_threadpool(check_image, file)  # reads the whole volume: off the event loop
     try:
         return add_image(background_tasks, image, params, file, user.username)
     except BaseException:
@@ -78,7 +83,7 @@ async def raps3d_save_label(
     # would download the series.
     image_path = "" if isinstance(store, DICOMWebDatastore) else store.get_image_uri(image)
     if image_path:
-        check_label(label, image_path)
+        await run_in_threadpool(check_label, label, image_path)
     try:
         return save_label(background_tasks, image, params, tag, label, user.username)
     except ImageNotFoundException:
@@ -100,23 +105,44 @@ async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(setti
     return remove_label(id, tag, user.username)
 
 
-def check_label(label: UploadFile, image_path: str) -> None:
-    """A 422 unless the upload reads as a 3D label map on the image's grid (as training reads it); the upload is
-    left as it came, for MONAI Label to save."""
-    # Read from a copy that keeps the upload's suffixes (its file type, as MONAI Label takes it: .nii.gz where it has
-    # no name); messages name the client's file.
-    name = pathlib.Path(label.filename).name if label.filename else "label.nii.gz"
+@contextlib.contextmanager
+def upload_copy(upload: UploadFile, default_name: str):
+    """A copy of an upload in a temporary folder, under a name that keeps the upload's suffixes (its file type, as
+    MONAI Label takes it; ``default_name`` where it has none), and the client's name for it, for messages. The upload
+    is left as it came, for MONAI Label to save."""
+    name = pathlib.Path(upload.filename).name if upload.filename else default_name
     suffixes = "".join(pathlib.Path(name).suffixes).replace("\0", "")[-32:]
     with tempfile.TemporaryDirectory() as folder:
-        copy = os.path.join(folder, "label" + suffixes)
+        copy = os.path.join(folder, "upload" + suffixes)
         with open(copy, "wb") as out:
-            shutil.copyfileobj(label.file, out)
-        label.file.seek(0)
+            shutil.copyfileobj(upload.file, out)
+        upload.file.seek(0)
+        yield copy, name
+
+
+def _refused(error: ImageReadError, copy: str, name: str, what: str) -> HTTPException:
+    reason = str(error).replace(repr(os.path.basename(copy)), repr(name[:200]))
+    return HTTPException(status_code=422, detail=f"{what}: {reason}")
+
+
+def check_label(label: UploadFile, image_path: str) -> None:
+    """A 422 unless the upload reads as a 3D label map on the image's grid (as training reads it)."""
+    with upload_copy(label, "label.nii.gz") as (copy, name):
         try:
             read_label_on_grid(copy, read_geometry(image_path))
         except ImageReadError as e:
-            reason = str(e).replace(repr(os.path.basename(copy)), repr(name[:200]))
-            raise HTTPException(status_code=422, detail=f"the label cannot be saved: {reason}") from None
+            raise _refused(e, copy, name, "the label cannot be saved") from None
+
+
+def check_image(image: UploadFile) -> None:
+    """A 422 unless the upload reads as a CT volume the model can segment (the checks of every request on it), so
+    that an annotator never gets a file no request can open as the next image to label."""
+    with upload_copy(image, "image.nii.gz") as (copy, name):
+        try:
+            volume, geometry = read_image(copy)
+            check_volume(volume, geometry.spacing[::-1])
+        except (ImageReadError, ImageError) as e:
+            raise _refused(e, copy, name, "the image cannot be added") from None
 
 
 def install(fastapi_app=None) -> bool:
