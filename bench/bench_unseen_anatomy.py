@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from raps3d.checkpoint import load_model
 from raps3d.engine import Engine
+from raps3d.orientation import AxisFlips
 from raps3d.predictor import ImageState
 from raps3d.training.data import TOTALSEG_NAMES, data_root
 from raps3d.training.evaluate import EDITS, evaluate_structure
@@ -25,13 +26,16 @@ REFERENCE = "totalsegmentator/example_seg_dicom.nii.gz"
 
 
 def read_series_and_reference() -> tuple[np.ndarray, tuple, np.ndarray]:
-    """CT voxels (z, y, x) in HU, spacing (z, y, x) in mm, and the reference labels on the CT's grid."""
+    """CT voxels (z, y, x) in HU, spacing (z, y, x) in mm, and the reference labels on the CT's grid, in the model's
+    orientation as the server gives it (the series' slices reversed)."""
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(data_root() / SERIES)))
     ct = reader.Execute()
     labels = sitk.Resample(sitk.ReadImage(str(data_root() / REFERENCE)), ct, sitk.Transform(),
                            sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(ct), ct.GetSpacing()[::-1], sitk.GetArrayFromImage(labels)
+    flips = AxisFlips.from_direction(ct.GetDirection())
+    return (flips.volume(sitk.GetArrayFromImage(ct)), ct.GetSpacing()[::-1],
+            flips.volume(sitk.GetArrayFromImage(labels)))
 
 
 def main() -> None:

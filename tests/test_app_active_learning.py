@@ -48,7 +48,7 @@ def test_scoring_stores_an_uncertainty_per_readable_image(server, scores):
 
 def test_the_score_is_one_minus_the_predicted_iou_at_the_automatic_click(server, scores):
     """The library's own answer for the same model, image and click: uncertainty, not confidence, and the click in
-    viewer order [i, j, k]."""
+    viewer order [i, j, k] of the file (the model sees the phantom with its slices reversed)."""
     import sys
 
     import torch
@@ -58,7 +58,7 @@ def test_the_score_is_one_minus_the_predicted_iou_at_the_automatic_click(server,
     if str(APP_DIR) not in sys.path:
         sys.path.insert(0, str(APP_DIR))
     from lib.auto_prompt import soft_tissue_seed
-    from lib.images import read_image
+    from lib.images import read_for_model
     from lib.model_service import UNTRAINED_CONFIG, UNTRAINED_SEED
     from raps3d import Engine, ImageState, InteractiveObject
     from raps3d.modeling import build_model
@@ -67,9 +67,10 @@ def test_the_score_is_one_minus_the_predicted_iou_at_the_automatic_click(server,
         torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
         model = build_model(UNTRAINED_CONFIG)
     details = _image_infos(server)["phantom_01"][f"{SCORING}_details"]
-    volume, geometry = read_image(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
+    volume, geometry, flips = read_for_model(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
     seed = soft_tissue_seed(volume, geometry.spacing[::-1])
-    assert details["seed_ijk"] == [int(v) for v in seed[::-1]]
+    assert flips.axes == (0,)
+    assert details["seed_ijk"] == [seed[2], seed[1], volume.shape[0] - 1 - seed[0]]
     result = InteractiveObject(ImageState(Engine(model), volume, geometry.spacing[::-1])).add_point(seed)
     assert 0.0 < result.iou < 1.0
     assert scores["phantom_01"] == pytest.approx(1.0 - result.iou, abs=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import requests
 import SimpleITK as sitk
 
 from conftest import real_ct_path
@@ -68,3 +69,46 @@ def test_compressed_nrrd_and_other_dtypes_hold_the_same_voxels(server):
         output="image").content)
     assert header["encoding"] == "gzip" and packed.dtype == np.int16
     np.testing.assert_array_equal(packed, raw)
+
+
+def test_the_same_ct_stored_in_another_voxel_order_gets_the_same_label(server, tmp_path):
+    """The model sees every image in one anatomical orientation: a CT whose file stores its slices, rows or columns
+    the other way round (a DICOM series against a NIfTI export, say) gets the same label, at the same physical
+    voxels, for the same click and box placed on the same anatomy."""
+    image = sitk.ReadImage(str(server.image_path("phantom_02")))
+    size = image.GetSize()
+    click, box = [70, 60, 20], {"slice": 20, "corners": [[55, 45], [95, 80]]}
+
+    def stored(flip_ijk, point):  # a voxel [i, j, k] of the image, in the flipped copy
+        return [n - 1 - p if f else p for p, n, f in zip(point, size, flip_ijk)]
+
+    def labels(image_id, flip_ijk):
+        out = []
+        for params in ({"foreground": [stored(flip_ijk, click)]},
+                       {"box": {"slice": stored(flip_ijk, [0, 0, box["slice"]])[2],
+                                "corners": [stored(flip_ijk, c + [0])[:2] for c in box["corners"]]}}):
+            r = server.infer_ok(image_id, {**params, "client_id": f"orientation-{len(params)}", "label": image_id,
+                                           "result_extension": ".nrrd", "result_dtype": "uint8",
+                                           "result_compress": False}, output="image")
+            voxels = server.nrrd_label(r.content)[0]
+            out.append(np.flip(voxels, [a for a in range(3) if flip_ijk[a]]))  # back to the image's voxel order
+        return out
+
+    reference = labels("phantom_02", (False, False, False))
+    assert all(100 < r.sum() < r.size / 2 for r in reference), [int(r.sum()) for r in reference]  # partial masks
+    listing = f"{server.url}/datastore/"
+    for flip_ijk in [(False, False, True), (True, True, False), (True, True, True)]:
+        copy = sitk.Flip(image, flip_ijk)  # the same physical voxels, stored in another order
+        assert copy.GetDirection() != image.GetDirection()
+        path = tmp_path / "copy.nii.gz"
+        sitk.WriteImage(copy, str(path))
+        image_id = "phantom_02_flipped_" + "".join("ijk"[a] for a in range(3) if flip_ijk[a])
+        r = requests.put(f"{server.url}/datastore/image", params={"image": image_id},
+                         files={"file": ("copy.nii.gz", path.read_bytes(), "application/octet-stream")},
+                         data={"params": "{}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        try:
+            for got, want in zip(labels(image_id, flip_ijk), reference):
+                np.testing.assert_array_equal(got, want)
+        finally:
+            requests.delete(listing, params={"id": image_id}, timeout=60)

@@ -163,7 +163,8 @@ def test_every_output_mode_sends_the_same_label(server, tmp_path):
 
 def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
     """What the server sends is the library's mask for the same prompt, model and image, voxel for voxel (a label
-    mirrored, shifted or transposed on its way out would differ)."""
+    mirrored, shifted or transposed on its way out would differ). The library sees the image in the model's
+    orientation (slices from head to feet: this phantom's are stored the other way)."""
     import sys
 
     import torch
@@ -172,19 +173,23 @@ def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
 
     if str(APP_DIR) not in sys.path:
         sys.path.insert(0, str(APP_DIR))
-    from lib.images import read_image
+    from lib.images import read_for_model
     from lib.model_service import UNTRAINED_CONFIG, UNTRAINED_SEED
     from raps3d import Engine, ImageState, InteractiveObject
     from raps3d.modeling import build_model
 
-    volume, geometry = read_image(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    volume, geometry, flips = read_for_model(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    assert flips.axes == (0,)
+    shape = volume.shape
+    (z, y0, x0), (_, y1, x1) = flips.box((24, 40, 60), (25, 91, 111), shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
         model = build_model(UNTRAINED_CONFIG)
     image = ImageState(Engine(model), volume, geometry.spacing[::-1])
-    for params, prompt in (({"foreground": [CLICK]}, lambda o: o.add_point(CLICK[::-1])),
-                           ({"roi": [60, 110, 40, 90, 24, 24]}, lambda o: o.add_box(24, (40, 60), (90, 110)))):
-        expected = prompt(InteractiveObject(image)).full_mask().transpose(2, 1, 0)  # (z, y, x) -> [i, j, k]
+    for params, prompt in (({"foreground": [CLICK]}, lambda o: o.add_point(flips.point(CLICK[::-1], shape))),
+                           ({"roi": [60, 110, 40, 90, 24, 24]}, lambda o: o.add_box(z, (y0, x0), (y1 - 1, x1 - 1)))):
+        # In the file's voxel order, then (z, y, x) -> [i, j, k]
+        expected = flips.volume(prompt(InteractiveObject(image)).full_mask()).transpose(2, 1, 0)
         assert 1000 < expected.sum() < expected.size / 2, expected.sum()  # a real, partial mask
         label, _ = _label(server, IMAGE, {**params, "label": "liver", "client_id": f"library-{sorted(params)[0]}"})
         assert label.shape == expected.shape

@@ -799,12 +799,13 @@ def test_the_train_task_keeps_each_label_as_its_bounding_box_and_wide_images_as_
     assert skipped == {"ct_02": "its label holds no structure of at least 20 voxels"}
     assert case.name == "ct_01" and case.spacing == pytest.approx((2.5, 0.8, 0.8))
     assert case.volume.dtype == np.int16  # air clipped to below the widest training window, the rest as it was
-    assert np.array_equal(case.volume, np.clip(volume, -606, None)) and case.volume.min() == -606
+    # In the model's orientation, as inference sees the image: the file's slices run from feet to head, reversed.
+    assert np.array_equal(case.volume, np.clip(volume, -606, None)[::-1]) and case.volume.min() == -606
     assert sorted(case.structures) == ["label_1", "label_4"]
     assert case.structures["label_1"].crop.shape == (10, 20, 10)
     assert case.structures["label_4"].crop.shape == (5, 10, 15)
     for value in (1, 4):
-        assert np.array_equal(case.structures[f"label_{value}"].full(), label == value)
+        assert np.array_equal(case.structures[f"label_{value}"].full(), label[::-1] == value)
 
 
 def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeypatch):

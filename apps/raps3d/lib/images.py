@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from raps3d.orientation import AxisFlips
 
 from .dicom_series import SeriesError, check_series, functional_group_rescale, series_headers, source_series_folder
 
@@ -179,6 +180,14 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
         volume = _apply_rescale(volume, *rescale)
     _check_hounsfield(volume, os.path.basename(path))
     return volume, Geometry.of(image)
+
+
+def read_for_model(path: str) -> tuple[np.ndarray, Geometry, AxisFlips]:
+    """``read_image``, with the voxels flipped into the model's anatomical orientation (``raps3d.orientation``), and
+    the flips, which map prompts from the file's voxel order and masks back to it."""
+    volume, geometry = read_image(path)
+    flips = AxisFlips.from_direction(geometry.direction)
+    return flips.volume(volume), geometry, flips
 
 
 def _apply_rescale(volume: np.ndarray, slope: float, intercept: float) -> np.ndarray:

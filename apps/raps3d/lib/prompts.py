@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import raps3d
+from raps3d.orientation import AxisFlips
 from raps3d.predictor import MAX_POINTS
 
 
@@ -54,6 +55,11 @@ class BoxPrompt:
     def as_reply(self) -> dict:
         return {"slice": self.k, "corners": [[self.i0, self.j0], [self.i1, self.j1]], "source": self.source}
 
+    def flipped(self, flips: AxisFlips, shape_zyx) -> "BoxPrompt":
+        (k, j0, i0), (k1, j1, i1) = flips.box((self.k, self.j0, self.i0), (self.k + 1, self.j1 + 1, self.i1 + 1),
+                                              shape_zyx)
+        return BoxPrompt(k, i0, j0, i1 - 1, j1 - 1, self.source)
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -63,6 +69,11 @@ class PromptSet:
     @property
     def empty(self) -> bool:
         return not self.points and self.box is None
+
+    def flipped(self, flips: AxisFlips, shape_zyx) -> "PromptSet":
+        """The prompts in the model's orientation (``raps3d.orientation``) of a volume of ``shape_zyx``."""
+        return PromptSet(tuple((flips.point(p, shape_zyx), positive) for p, positive in self.points),
+                         self.box.flipped(flips, shape_zyx) if self.box is not None else None)
 
     def point_counts(self) -> Counter:
         return Counter(self.points)

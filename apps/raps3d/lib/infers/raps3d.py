@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 import raps3d
 
 from .. import interaction
-from ..images import GeometryCache, ImageReadError, image_key, read_image
+from ..images import GeometryCache, ImageReadError, image_key, read_for_model
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService
 from ..prompts import PromptFormatError, PromptSet, parse_prompts
@@ -109,7 +109,7 @@ class Raps3DInfer(InferTask):
         key = image_key(path)
 
         def load():
-            volume, geometry = read_image(path)
+            volume, geometry, _ = read_for_model(path)
             self.geometries.put(key, geometry)
             return volume, geometry.spacing[::-1]
 
@@ -132,6 +132,9 @@ class Raps3DInfer(InferTask):
         t_open = time.perf_counter()
         image_key_, state, geometry, was_open = self._open(store, path)
         prompts = parse_prompts(request, geometry.size)  # checked before anything changes
+        # The session's image is in the model's orientation; replies are in the file's voxel order.
+        flips = raps3d.AxisFlips.from_direction(geometry.direction)
+        model_prompts = prompts.flipped(flips, geometry.shape_zyx)
         key = (client, image_key_, label)
 
         t_interact = time.perf_counter()
@@ -143,31 +146,33 @@ class Raps3DInfer(InferTask):
         elif do_reset:
             outcome = interaction.reset(store, key)
             if not prompts.empty:
-                outcome = interaction.apply_prompts(store, key, state, prompts)
+                outcome = interaction.apply_prompts(store, key, state, model_prompts)
         elif prompts.empty:
             raise PromptFormatError("no prompt: send 'foreground' points [i, j, k], a 'box' or an 'roi' "
                                     "(or 'reset' / 'undo')")
         else:
-            outcome = interaction.apply_prompts(store, key, state, prompts)
+            outcome = interaction.apply_prompts(store, key, state, model_prompts)
 
         t_write = time.perf_counter()
         result = outcome.result
+        roi = None
         if result is None:
             label_file = write_label(fmt, None, None, None, geometry, self.result_dir)
         else:
-            label_file = write_label(fmt, result.mask_roi, result.roi.start, result.roi.stop, geometry,
+            roi = raps3d.Box(*flips.box(result.roi.start, result.roi.stop, geometry.shape_zyx))
+            label_file = write_label(fmt, flips.volume(result.mask_roi), roi.start, roi.stop, geometry,
                                      self.result_dir)
         end = time.perf_counter()
 
-        params = self._reply(outcome, prompts, label, client, was_open,
+        params = self._reply(outcome, roi, prompts, label, client, was_open,
                              {"open_image": t_interact - t_open, "interact": t_write - t_interact,
                               "write": end - t_write, "total": end - begin})
         logger.info(f"Raps-3D: client {client!r} label {label!r}: {outcome.mode}, cache_hit {outcome.features_reused}, "
                     f"total {end - begin:.3f} s")
         return label_file, params
 
-    def _reply(self, outcome: interaction.Outcome, prompts: PromptSet, label: str, client: str, was_open: bool,
-               timings: dict) -> dict:
+    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, prompts: PromptSet, label: str,
+               client: str, was_open: bool, timings: dict) -> dict:
         result = outcome.result
         status = self.service.expected_status()
         model_timings = result.timings if result is not None and outcome.mode in ("new_object", "edit") else {}
@@ -179,7 +184,7 @@ class Raps3DInfer(InferTask):
             "cache": outcome.mode,
             "cache_hit": outcome.features_reused,
             "image_cached": was_open,
-            "roi": roi_ijk(result.roi) if result is not None else None,
+            "roi": roi_ijk(roi) if roi is not None else None,
             "box": prompts.box.as_reply() if prompts.box is not None else None,
             "prompts": {"foreground": sum(1 for _, pos in prompts.points if pos),
                         "background": sum(1 for _, pos in prompts.points if not pos)},

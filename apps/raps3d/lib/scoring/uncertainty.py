@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 import raps3d
 
 from ..auto_prompt import soft_tissue_seed
-from ..images import ImageReadError, image_key, read_image
+from ..images import ImageReadError, image_key, read_for_model
 from ..model_service import ModelService
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,10 @@ class Raps3DUncertainty(ScoringMethod):
 
     @staticmethod
     def _score(engine: raps3d.Engine, path: str) -> tuple[float, tuple]:
-        volume, geometry = read_image(path)
+        volume, geometry, flips = read_for_model(path)
         spacing_zyx = geometry.spacing[::-1]
         image = raps3d.ImageState(engine, volume, spacing_zyx)  # not the viewers' session store: no eviction there
         seed = soft_tissue_seed(volume, spacing_zyx)
         result = raps3d.InteractiveObject(image).interact(points=[(seed, True)])
-        return round(min(max(1.0 - float(result.iou), 0.0), 1.0), 6), seed
+        stored_seed = tuple(int(c) for c in flips.point(seed, volume.shape))  # in the file's voxel order
+        return round(min(max(1.0 - float(result.iou), 0.0), 1.0), 6), stored_seed

@@ -38,7 +38,7 @@ from raps3d.training.sampling import compact_volume
 from raps3d.training.train import TrainConfig, train
 from raps3d.training.validation import fixed_samples, quick_dice
 
-from ..images import ImageReadError, read_image, read_label_on_grid
+from ..images import ImageReadError, read_for_model, read_label_on_grid
 from ..model_service import fallback_warning, load_served
 from ..options import AppOptions
 
@@ -132,9 +132,9 @@ class Raps3DTrain(TrainTask):
         for item in sorted(datastore.datalist(), key=lambda d: d["image"]):
             name = _image_name(item["image"])
             try:
-                volume, geometry = read_image(item["image"])
+                volume, geometry, flips = read_for_model(item["image"])  # as inference sees it
                 check_volume(volume, geometry.spacing[::-1])  # what inference refuses (NaN, one slice) is skipped
-                label = read_label_on_grid(item["label"], geometry)
+                label = flips.volume(read_label_on_grid(item["label"], geometry))
             except (ImageReadError, ImageError, RuntimeError, OSError) as e:
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
