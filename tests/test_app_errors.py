@@ -62,7 +62,28 @@ def test_an_uploaded_file_that_is_not_an_image_is_422(server):
     files = {"file": ("upload.nii.gz", b"definitely not a NIfTI file", "application/octet-stream")}
     r = server.infer("", {"foreground": [[1, 1, 1]]}, files=files)
     assert r.status_code == 422, r.text
-    assert "cannot read" in r.json()["detail"]
+    assert r.json()["detail"].startswith("cannot read the uploaded file as an image: ")
+
+
+def test_a_ct_clipped_to_a_display_window_is_422_saying_how_to_send_it(server, tmp_path):
+    """MITK uploads the image as its display window shows it: with a soft-tissue window, air is clipped to -160."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from conftest import SAMPLE_IMAGES
+
+    image = sitk.ReadImage(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    clipped = sitk.GetImageFromArray(np.clip(sitk.GetArrayFromImage(image), -160, 240).astype(np.int16))
+    clipped.CopyInformation(image)
+    sitk.WriteImage(clipped, str(tmp_path / "post_from_mitk.nii.gz"))
+    files = {"file": ("post_from_mitk.nii.gz", (tmp_path / "post_from_mitk.nii.gz").read_bytes(),
+                      "application/octet-stream")}
+    r = server.infer("", {"foreground": [CLICK]}, files=files)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("the uploaded file does not look like CT in Hounsfield units: its lowest value is "
+                             "-160") and "as in a CT clipped to a display window" in detail
+    assert "set the viewer's window to start at or below -250 HU" in detail
 
 
 def test_undo_without_a_session_is_409(server):

@@ -195,3 +195,29 @@ def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
         assert label.shape == expected.shape
         disagree = int((label.astype(bool) != expected.astype(bool)).sum())
         assert disagree <= 0.001 * expected.sum(), (params, disagree, int(expected.sum()))
+
+
+def test_an_image_uploaded_with_every_click_keeps_its_session(server, tmp_path):
+    """MITK uploads the image it shows with each click (as the request's ``file``, no image id, no client id):
+    the second click on the same image is an edit of the first one's object, on the image already open."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(server.image_path("phantom_02")))
+    voxels = sitk.GetArrayFromImage(image)
+    voxels[0, 0, 0] += 1  # content no other test uploads
+    copy = sitk.GetImageFromArray(voxels)
+    copy.CopyInformation(image)
+    sitk.WriteImage(copy, str(tmp_path / "post_from_mitk.nii.gz"))
+    content = (tmp_path / "post_from_mitk.nii.gz").read_bytes()
+
+    def click(points):
+        files = {"file": ("post_from_mitk.nii.gz", content, "application/octet-stream")}
+        r = server.infer("", {"foreground": points, "background": []}, output=None, files=files)
+        assert r.status_code == 200, r.text[:300]
+        return server.multipart(r)[0]
+
+    first = click([[80, 64, 24]])
+    assert first["cache"] == "new_object" and not first["image_cached"]
+    second = click([[80, 64, 24], [84, 60, 24]])
+    assert second["cache"] == "edit" and second["image_cached"]
+    assert click([[80, 64, 24]])["cache"] == "undo"  # MITK's point removal: the object's step before

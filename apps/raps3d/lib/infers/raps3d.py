@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 import raps3d
 
 from .. import interaction
-from ..images import GeometryCache, ImageReadError, image_key, read_for_model
+from ..images import GeometryCache, ImageReadError, image_key, is_upload, read_for_model
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService
 from ..prompts import PromptFormatError, PromptSet, parse_prompts
@@ -103,7 +103,11 @@ class Raps3DInfer(InferTask):
         except raps3d.SessionError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         except (ImageReadError, raps3d.ImageError) as e:
-            raise HTTPException(status_code=422, detail=str(e)) from None
+            path = request.get("image")
+            detail = str(e)
+            if isinstance(path, str) and is_upload(path):  # named by its temporary file: name it as the client knows it
+                detail = detail.replace(repr(os.path.basename(path)), "the uploaded file")
+            raise HTTPException(status_code=422, detail=detail) from None
 
     def _open(self, store: raps3d.SessionStore, path: str):
         key = image_key(path)
