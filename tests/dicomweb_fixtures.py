@@ -295,7 +295,9 @@ def upload_test_series(orthanc: Orthanc, repo_root: Path, data_root: Path) -> di
     phantom = repo_root / "sample-data" / "dicom" / "phantom_01"
     series = {"phantom": upload_folder(orthanc, "phantom", phantom),
               "phantom_missing_slice": upload_as_new_series(orthanc, "phantom_missing_slice", phantom,
-                                                            drop=(MISSING_SLICE,))}
+                                                            drop=(MISSING_SLICE,)),
+              # never labelled by any test (others label "phantom"): unlabelled whatever ran before
+              "phantom_unlabelled": upload_as_new_series(orthanc, "phantom_unlabelled", phantom)}
     if (data_root / J2K_FOLDER).is_dir():
         series["j2k"] = upload_folder(orthanc, "j2k", data_root / J2K_FOLDER, fill_uids=True)
     for name, path in transfer_syntax_files(data_root).items():

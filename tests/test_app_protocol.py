@@ -66,10 +66,12 @@ def test_undo_explicit_and_by_resending_fewer_clicks(server):
     base = {"label": "aorta", "client_id": "undo-test"}
     one, one_reply = _label(server, IMAGE, {**base, "foreground": [CLICK]})
     two_params = {**base, "foreground": [CLICK, [84, 60, 24]]}
-    server.infer_ok(IMAGE, two_params)
+    two, _ = _label(server, IMAGE, two_params)
+    assert (two != one).sum() > 100  # the second click changed the mask: undoing it must show
 
-    undone = server.infer_ok(IMAGE, {**base, "undo": True}, output="json").json()
-    assert undone["cache"] == "undo" and undone["roi"] == one_reply["roi"]
+    undone, undone_reply = _label(server, IMAGE, {**base, "undo": True})
+    assert undone_reply["cache"] == "undo" and undone_reply["roi"] == one_reply["roi"]
+    np.testing.assert_array_equal(undone, one)
 
     server.infer_ok(IMAGE, two_params)  # redo the second click: an edit again
     by_viewer, reply = _label(server, IMAGE, {**base, "foreground": [CLICK]})  # the viewer dropped the last click

@@ -106,10 +106,19 @@ def train_and_publish(srv, **options) -> None:
     assert train_stats(srv)["published"] is True
 
 
+def ensure_published(srv) -> None:
+    """A fine-tuned model served, as the first test leaves it; made here when that test has not run (a selection,
+    another order), so that no test depends on another."""
+    if srv.model_path.exists():
+        return
+    for image_id in ("phantom_01", "phantom_02"):
+        save_final_label(srv, image_id)
+    train_and_publish(srv)
+
+
 def test_fine_tuning_keeps_the_image_encoder_fixed_unless_told_otherwise(train_server):
     srv = train_server
-    if not srv.model_path.exists():
-        pytest.skip("needs the model published by the previous test")
+    ensure_published(srv)
 
     def changed(before, after, prefix):
         names = [k for k in before if k.startswith(prefix)]
@@ -135,8 +144,7 @@ def test_fine_tuning_keeps_the_image_encoder_fixed_unless_told_otherwise(train_s
 
 def test_by_default_a_candidate_is_published_only_when_it_validates_at_least_as_well(train_server):
     srv = train_server
-    if not srv.model_path.exists():
-        pytest.skip("needs the model published by the first test")
+    ensure_published(srv)
     before = digest(srv.model_path)
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2}, timeout=60)
     assert r.status_code == 200, r.text
@@ -148,12 +156,20 @@ def test_by_default_a_candidate_is_published_only_when_it_validates_at_least_as_
                                 f"{stats['baseline_dice']:.3f}" if stats["published"] else
                                 f"kept the served model: validation Dice {stats['val_dice']:.3f}, served model's "
                                 f"{stats['baseline_dice']:.3f}")
+    # A run at the largest learning rate wrecks the decoder: its candidate validates worse and is not published.
+    before = digest(srv.model_path)
+    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 12, "batch_size": 2, "lr": 1.0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert wait_for_training(srv)["status"] == "DONE"
+    stats = train_stats(srv)
+    assert stats["baseline_dice"] > 0.3 and stats["val_dice"] < stats["baseline_dice"] - 0.1, stats
+    assert stats["published"] is False and digest(srv.model_path) == before
+    assert stats["message"].startswith("kept the served model: validation Dice ")
 
 
 def test_stopped_training_leaves_the_served_model_intact(train_server):
     srv = train_server
-    if not srv.model_path.exists():
-        pytest.skip("needs the model published by the previous test")
+    ensure_published(srv)
     before = digest(srv.model_path)
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 500, "batch_size": 2, "publish": "always"},
                       timeout=60)
@@ -180,8 +196,7 @@ def test_stopped_training_leaves_the_served_model_intact(train_server):
 
 def test_failed_training_says_why_and_leaves_the_served_model_intact(train_server):
     srv = train_server
-    if not srv.model_path.exists():
-        pytest.skip("needs the model published by the first test")
+    ensure_published(srv)
     before = digest(srv.model_path)
     # A mistyped option is refused before anything starts.
     runs = len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json())
@@ -206,8 +221,7 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
 
 def test_removing_the_fine_tuned_checkpoint_serves_the_base_again(train_server):
     srv = train_server
-    if not srv.model_path.exists():
-        pytest.skip("needs the model published by the first test")
+    ensure_published(srv)
     r = srv.infer_ok("phantom_03", {"foreground": [[80, 64, 24]], "client_id": "t5"})
     assert r.json()["model"]["checkpoint"] == "raps3d_finetuned.pt"
     srv.model_path.unlink()
