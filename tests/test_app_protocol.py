@@ -223,3 +223,51 @@ def test_an_image_uploaded_with_every_click_keeps_its_session(server, tmp_path):
     second = click([[80, 64, 24], [84, 60, 24]])
     assert second["cache"] == "edit" and second["image_cached"]
     assert click([[80, 64, 24]])["cache"] == "undo"  # MITK's point removal: the object's step before
+
+
+def test_a_session_rebuilt_from_a_request_gives_the_mask_of_the_clicks_sent_one_at_a_time(server):
+    """A request whose session is gone (evicted, expired, or another annotator's under the same client id) is
+    replayed one prompt at a time: the same mask as the clicks sent one per request, and undo goes back one click."""
+    clicks = [CLICK, [84, 60, 24], [76, 70, 26]]
+    base = {"label": "replayed"}
+    steps = []
+    for n in range(1, 4):
+        label, reply = _label(server, IMAGE, {**base, "client_id": "one-at-a-time", "foreground": clicks[:n]})
+        assert reply["cache"] == ("new_object" if n == 1 else "edit")
+        steps.append(label)
+    assert (steps[2] != steps[1]).sum() > 100 and (steps[1] != steps[0]).sum() > 100
+    at_once, reply = _label(server, IMAGE, {**base, "client_id": "all-at-once", "foreground": clicks})
+    assert reply["cache"] == "new_object"
+    np.testing.assert_array_equal(at_once, steps[2])
+    undone, reply = _label(server, IMAGE, {**base, "client_id": "all-at-once", "undo": True})
+    assert reply["cache"] == "undo"
+    np.testing.assert_array_equal(undone, steps[1])
+    # A box and a click: the box first, then the click as an edit.
+    box = {"slice": 24, "corners": [[60, 40], [100, 90]]}
+    _label(server, IMAGE, {**base, "client_id": "box-then-click", "box": box})
+    edited, reply = _label(server, IMAGE, {**base, "client_id": "box-then-click", "box": box, "foreground": [CLICK]})
+    assert reply["cache"] == "edit"
+    together, _ = _label(server, IMAGE, {**base, "client_id": "box-and-click", "box": box, "foreground": [CLICK]})
+    np.testing.assert_array_equal(together, edited)
+
+
+def test_replay_takes_the_box_or_first_point_then_one_point_per_step():
+    import sys
+
+    from conftest import APP_DIR
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.interaction import MAX_REPLAY_STEPS, replay_steps
+    from lib.prompts import parse_prompts
+
+    size = (160, 128, 48)
+    prompts = parse_prompts({"foreground": [[1, 2, 3], [4, 5, 6]], "background": [[7, 8, 9]]}, size)
+    assert replay_steps(prompts) == [((((3.0, 2.0, 1.0), True),), None), ((((6.0, 5.0, 4.0), True),), None),
+                                     ((((9.0, 8.0, 7.0), False),), None)]
+    prompts = parse_prompts({"box": {"slice": 4, "corners": [[10, 20], [30, 40]]}, "background": [[7, 8, 9]]}, size)
+    assert replay_steps(prompts) == [((), (4, (20, 10), (40, 30))), ((((9.0, 8.0, 7.0), False),), None)]
+    many = parse_prompts({"foreground": [[i, i, 1] for i in range(100)]}, size)
+    steps = replay_steps(many)
+    assert len(steps) == MAX_REPLAY_STEPS and all(len(points) == 1 for points, _ in steps[:-1])
+    assert [p for points, _ in steps for p in points] == list(many.points)

@@ -6,10 +6,14 @@ of the same (client, image, label):
 - same box and every earlier point still there, new points added: an edit (decoder only inside the zoom-in ROI);
 - exactly the same prompts: the cached result is returned as it is (``repeat``);
 - the prompts of the step before: the library's undo (``undo``; viewers that remove the last click);
-- anything else: a new object, computed from the request's prompts alone (``new_object``).
+- anything else: a new object, built from the request's prompts alone (``new_object``).
 
-So a reply never depends on prompts the request did not send; a cache shared by mistake (two annotators with one
-client id) only costs speed, never correctness.
+A new object takes the prompts one at a time, as a viewer sends them and as the model was trained: the box (or the
+first foreground point), then each further point as an edit of the mask before, in the request's order. So a reply
+never depends on prompts the request did not send, and for prompts sent one per request it is the same whether the
+session was still cached or not (evicted, expired, or taken over by another annotator with the same client id), and
+undo works after it. Viewers send foreground and background points as two lists: where background clicks fell among
+the foreground ones is not known, and they are replayed after them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import raps3d
 from .prompts import PromptSet
 
 
+# A request with more prompts than this is replayed in this many steps, the last taking the rest at once: each step
+# is a decoder pass (0.01-0.2 s on a CPU), and an object takes up to 128 points.
+MAX_REPLAY_STEPS = 32
+
+
 @dataclass
 class Outcome:
     result: raps3d.Result | None  # None: the object has no mask (after a reset, or undo back to nothing)
@@ -30,11 +39,27 @@ class Outcome:
     features_reused: bool  # image features came from the cache (no encoder pass at all)
 
 
+def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
+    """The request's prompts as the library's steps ``(points, box)``: the box, or the first point, then one point
+    per step (at most MAX_REPLAY_STEPS steps)."""
+    points = list(prompts.points)
+    if prompts.box is not None:
+        steps = [((), prompts.box.to_library())]
+    else:
+        steps = [(tuple(points[:1]), None)]  # a first point that is background is refused by the library
+        points = points[1:]
+    steps += [((p,), None) for p in points]
+    if len(steps) > MAX_REPLAY_STEPS:
+        steps = steps[:MAX_REPLAY_STEPS - 1] + [(tuple(p for s in steps[MAX_REPLAY_STEPS - 1:] for p in s[0]), None)]
+    return steps
+
+
 def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, prompts: PromptSet) -> Outcome:
     obj = store.new_object(key, image)
     with obj.lock:
         try:
-            result = obj.interact(points=prompts.points, box=prompts.box.to_library() if prompts.box else None)
+            for points, box in replay_steps(prompts):
+                result = obj.interact(points=points, box=box)
         except Exception:
             store.drop_object(key)  # a rejected first prompt leaves no half-made session behind
             raise
