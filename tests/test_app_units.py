@@ -41,6 +41,19 @@ def test_points_are_converted_from_ijk_to_zyx():
     assert prompts.box is None
 
 
+def test_a_fractional_click_counts_in_the_voxel_that_holds_it():
+    # Voxel n spans n - 0.5 to n + 0.5: a click in the outer half of an edge voxel is in the image.
+    prompts = parse_prompts({"foreground": [[-0.3, 20, 47.4]], "background": [[159.49, 0.2, 0]]}, SIZE)
+    assert prompts.points == (((47.0, 20.0, 0.0), True), ((0.0, 0.2, 159.0), False))
+    for outside in ([-0.51, 20, 10], [159.5, 20, 10], [10, 20, 47.5]):
+        with pytest.raises(PromptFormatError, match="lies outside the image"):
+            parse_prompts({"foreground": [outside]}, SIZE)
+    # Halves go up for boxes too (round() would take 24.5 to 24, 25.5 to 26).
+    assert parse_prompts({"box": {"slice": 24.5, "corners": [[10, 20], [30, 40]]}}, SIZE).box.k == 25
+    assert parse_prompts({"box": {"slice": 25.5, "corners": [[10.5, 20], [30, 40]]}}, SIZE).box.to_library() == (
+        26, (20, 11), (40, 30))
+
+
 @pytest.mark.parametrize("roi,expected", [
     ([60, 100, 40, 90, 24, 24], (24, "roi")),
     ([100, 60, 90, 40, 24, 24], (24, "roi")),

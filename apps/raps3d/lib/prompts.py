@@ -98,6 +98,11 @@ def _number(value, what: str) -> float:
     return number
 
 
+def _voxel(c: float) -> int:
+    """The voxel holding position ``c``: voxel n spans n - 0.5 to n + 0.5 (halves go up, for every prompt alike)."""
+    return math.floor(c + 0.5)
+
+
 def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
     raw = params.get(name)
     if raw is None or raw == "":
@@ -109,16 +114,18 @@ def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
         if not isinstance(p, (list, tuple)) or len(p) != 3:
             raise PromptFormatError(f"{name} point {n} must be three numbers [i, j, k], got {p!r}")
         ijk = [_number(c, f"{name} point {n} coordinate") for c in p]
-        if any(c < 0 or c > s - 1 for c, s in zip(ijk, size_ijk)):
+        if any(not 0 <= _voxel(c) <= s - 1 for c, s in zip(ijk, size_ijk)):
             raise PromptFormatError(f"{name} point {n} [i, j, k] = {p!r} lies outside the image of size "
                                     f"{list(size_ijk)} (valid indices 0..size-1)")
+        # A click in the outer half of an edge voxel (a viewer sending fractional indices): that voxel's centre side.
+        ijk = [min(max(c, 0.0), s - 1.0) for c, s in zip(ijk, size_ijk)]
         points.append(((ijk[2], ijk[1], ijk[0]), positive))
     return points
 
 
 def _clipped_box(k: float, ia: float, ja: float, ib: float, jb: float, size_ijk, source: str) -> BoxPrompt:
     ni, nj, nk = size_ijk
-    k = round(k)
+    k = _voxel(k)
     if not 0 <= k <= nk - 1:
         raise PromptFormatError(f"the box's slice k = {k} lies outside the image's {nk} slices")
     i0, i1 = sorted((ia, ib))
@@ -126,8 +133,8 @@ def _clipped_box(k: float, ia: float, ja: float, ib: float, jb: float, size_ijk,
     if i1 < 0 or j1 < 0 or i0 > ni - 1 or j0 > nj - 1:
         raise PromptFormatError(f"the box (i {i0:g}..{i1:g}, j {j0:g}..{j1:g}) lies outside the slice of "
                                 f"{ni} x {nj} voxels")
-    i0, i1 = round(max(i0, 0)), round(min(i1, ni - 1))
-    j0, j1 = round(max(j0, 0)), round(min(j1, nj - 1))
+    i0, i1 = _voxel(max(i0, 0)), _voxel(min(i1, ni - 1))
+    j0, j1 = _voxel(max(j0, 0)), _voxel(min(j1, nj - 1))
     if i1 <= i0 or j1 <= j0:
         raise PromptFormatError(f"the box (i {i0}..{i1}, j {j0}..{j1}) has no area; draw a box at least two voxels "
                                 "wide and high")
@@ -155,10 +162,10 @@ def _box(params: dict, size_ijk) -> BoxPrompt | None:
             raise PromptFormatError(f"'roi' must be [i_min, i_max, j_min, j_max, k_min, k_max], got {roi!r}")
         ia, ib, ja, jb, ka, kb = [_number(v, "an roi coordinate") for v in roi]
         k0, k1 = sorted((ka, kb))
-        if round(k1) == round(k0):
+        if _voxel(k1) == _voxel(k0):
             return _clipped_box(k0, ia, ja, ib, jb, size_ijk, "roi")
         nk = size_ijk[2]
-        k0c, k1c = max(round(k0), 0), min(round(k1), nk - 1)
+        k0c, k1c = max(_voxel(k0), 0), min(_voxel(k1), nk - 1)
         if k1c < k0c:
             raise PromptFormatError(f"the roi's slices k {k0:g}..{k1:g} lie outside the image's {nk} slices")
         return _clipped_box((k0c + k1c) // 2, ia, ja, ib, jb, size_ijk, "roi_middle_slice")
