@@ -74,20 +74,24 @@ def test_compressed_nrrd_and_other_dtypes_hold_the_same_voxels(server):
 def test_the_same_ct_stored_in_another_voxel_order_gets_the_same_label(server, tmp_path):
     """The model sees every image in one anatomical orientation: a CT whose file stores its slices, rows or columns
     the other way round (a DICOM series against a NIfTI export, say) gets the same label, at the same physical
-    voxels, for the same click and box placed on the same anatomy."""
+    voxels, for the same click, box and roi placed on the same anatomy (fractional corners and a roi with two middle
+    slices included: both are rounded in the model's orientation)."""
     image = sitk.ReadImage(str(server.image_path("phantom_02")))
     size = image.GetSize()
-    click, box = [70, 60, 20], {"slice": 20, "corners": [[55, 45], [95, 80]]}
+    click, box = [70, 60, 20], {"slice": 20, "corners": [[55.5, 45], [95, 80.5]]}
+    roi = [55.5, 95.5, 45, 80.5, 18, 23]  # six slices: two middle ones
 
     def stored(flip_ijk, point):  # a voxel [i, j, k] of the image, in the flipped copy
         return [n - 1 - p if f else p for p, n, f in zip(point, size, flip_ijk)]
 
     def labels(image_id, flip_ijk):
         out = []
-        for params in ({"foreground": [stored(flip_ijk, click)]},
-                       {"box": {"slice": stored(flip_ijk, [0, 0, box["slice"]])[2],
-                                "corners": [stored(flip_ijk, c + [0])[:2] for c in box["corners"]]}}):
-            r = server.infer_ok(image_id, {**params, "client_id": f"orientation-{len(params)}", "label": image_id,
+        low, high = stored(flip_ijk, roi[0::2]), stored(flip_ijk, roi[1::2])
+        for name, params in (("click", {"foreground": [stored(flip_ijk, click)]}),
+                             ("box", {"box": {"slice": stored(flip_ijk, [0, 0, box["slice"]])[2],
+                                              "corners": [stored(flip_ijk, c + [0])[:2] for c in box["corners"]]}}),
+                             ("roi", {"roi": [v for pair in zip(low, high) for v in pair]})):
+            r = server.infer_ok(image_id, {**params, "client_id": f"orientation-{name}", "label": image_id,
                                            "result_extension": ".nrrd", "result_dtype": "uint8",
                                            "result_compress": False}, output="image")
             voxels = server.nrrd_label(r.content)[0]

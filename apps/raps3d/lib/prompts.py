@@ -1,19 +1,21 @@
-"""Prompts as viewers send them, converted to the library's (z, y, x) voxel order.
+"""Prompts as viewers send them, converted to the library's (z, y, x) voxel order in the model's orientation.
 
 Viewers send voxel indices ``[i, j, k]`` (x, y, z; ``k`` is the slice) of the image as MONAI's ITK reader loads
-it. Accepted request parameters:
+it. The model sees the image with some axes reversed (``raps3d.orientation``): coordinates are mapped there before
+anything is rounded, so that a box with fractional corners, or a thick roi's middle slice, lands on the same voxels
+however the file stores the image. Accepted request parameters:
 
 - ``foreground``, ``background``: lists of points ``[i, j, k]`` (every click of the current object, each time).
 - ``box``: ``{"slice": k, "corners": [[i0, j0], [i1, j1]]}``, a 2D box drawn on slice ``k``; corners inclusive,
   in any order.
 - ``roi``: ``[i_min, i_max, j_min, j_max, k_min, k_max]`` (3D Slicer's ROI; inclusive; a pair may come reversed).
   An ROI one slice thick (``k_min == k_max``) is a 2D box on that slice. A thicker ROI is reduced to a 2D box on
-  its middle slice, ``(k_min + k_max) // 2``, with the same in-plane corners: the model takes 2D boxes only, and a
+  its middle slice, ``(k_min + k_max) // 2`` counted in the model's orientation, with the same in-plane corners: the model takes 2D boxes only, and a
   box on the middle slice lets the model find the object's extent in depth itself. The reply says which slice
   was used.
 
-``box`` and ``roi`` are exclusive. Bounds (a point outside the image, an empty box) are checked here in ``[i, j, k]``
-terms and again by the library.
+``box`` and ``roi`` are exclusive. Bounds (a point outside the image, an empty box) are checked here in the request's
+``[i, j, k]`` terms and again by the library.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ Point = tuple[tuple[float, float, float], bool]  # ((z, y, x), positive)
 
 @dataclass(frozen=True)
 class BoxPrompt:
-    """A 2D box on slice k with inclusive corners (i0, j0)..(i1, j1), already sorted and clipped to the image."""
+    """A 2D box on slice k with inclusive corners (i0, j0)..(i1, j1), already sorted and clipped to the image (in
+    the model's orientation; ``flipped`` gives it in the file's)."""
 
     k: int
     i0: int
@@ -70,11 +73,6 @@ class PromptSet:
     def empty(self) -> bool:
         return not self.points and self.box is None
 
-    def flipped(self, flips: AxisFlips, shape_zyx) -> "PromptSet":
-        """The prompts in the model's orientation (``raps3d.orientation``) of a volume of ``shape_zyx``."""
-        return PromptSet(tuple((flips.point(p, shape_zyx), positive) for p, positive in self.points),
-                         self.box.flipped(flips, shape_zyx) if self.box is not None else None)
-
     def point_counts(self) -> Counter:
         return Counter(self.points)
 
@@ -103,7 +101,12 @@ def _voxel(c: float) -> int:
     return math.floor(c + 0.5)
 
 
-def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
+def _to_model(ijk, size_ijk, flips: AxisFlips) -> list[float]:
+    """Positions [i, j, k] of the file, in the model's orientation (i is array axis 2, j 1, k 0)."""
+    return [s - 1 - c if axis in flips.axes else c for c, s, axis in zip(ijk, size_ijk, (2, 1, 0))]
+
+
+def _points(params: dict, name: str, positive: bool, size_ijk, flips: AxisFlips) -> list[Point]:
     raw = params.get(name)
     if raw is None or raw == "":
         return []
@@ -118,35 +121,43 @@ def _points(params: dict, name: str, positive: bool, size_ijk) -> list[Point]:
             raise PromptFormatError(f"{name} point {n} [i, j, k] = {p!r} lies outside the image of size "
                                     f"{list(size_ijk)} (valid indices 0..size-1)")
         # A click in the outer half of an edge voxel (a viewer sending fractional indices): that voxel's centre side.
-        ijk = [min(max(c, 0.0), s - 1.0) for c, s in zip(ijk, size_ijk)]
+        ijk = [min(max(c, 0.0), s - 1.0) for c, s in zip(_to_model(ijk, size_ijk, flips), size_ijk)]
         points.append(((ijk[2], ijk[1], ijk[0]), positive))
     return points
 
 
-def _clipped_box(k: float, ia: float, ja: float, ib: float, jb: float, size_ijk, source: str) -> BoxPrompt:
-    ni, nj, nk = size_ijk
-    k = _voxel(k)
-    if not 0 <= k <= nk - 1:
-        raise PromptFormatError(f"the box's slice k = {k} lies outside the image's {nk} slices")
+def _model_slice(k: float, size_ijk, flips: AxisFlips) -> float:
+    return _to_model([0.0, 0.0, k], size_ijk, flips)[2]
+
+
+def _clipped_box(k_model: int, ia: float, ja: float, ib: float, jb: float, size_ijk, source: str,
+                 flips: AxisFlips) -> BoxPrompt:
+    """A box on slice ``k_model`` (of the model's orientation) with corners as the request gives them, sorted,
+    clipped to the slice and rounded in the model's orientation."""
+    ni, nj, _ = size_ijk
+    fi0, fi1 = sorted((ia, ib))
+    fj0, fj1 = sorted((ja, jb))
+    if fi1 < 0 or fj1 < 0 or fi0 > ni - 1 or fj0 > nj - 1:
+        raise PromptFormatError(f"the box (i {fi0:g}..{fi1:g}, j {fj0:g}..{fj1:g}) lies outside the slice of "
+                                f"{ni} x {nj} voxels")
+    (ia, ja, _), (ib, jb, _) = _to_model([ia, ja, 0.0], size_ijk, flips), _to_model([ib, jb, 0.0], size_ijk, flips)
     i0, i1 = sorted((ia, ib))
     j0, j1 = sorted((ja, jb))
-    if i1 < 0 or j1 < 0 or i0 > ni - 1 or j0 > nj - 1:
-        raise PromptFormatError(f"the box (i {i0:g}..{i1:g}, j {j0:g}..{j1:g}) lies outside the slice of "
-                                f"{ni} x {nj} voxels")
     i0, i1 = _voxel(max(i0, 0)), _voxel(min(i1, ni - 1))
     j0, j1 = _voxel(max(j0, 0)), _voxel(min(j1, nj - 1))
     if i1 <= i0 or j1 <= j0:
-        raise PromptFormatError(f"the box (i {i0}..{i1}, j {j0}..{j1}) has no area; draw a box at least two voxels "
-                                "wide and high")
-    return BoxPrompt(int(k), int(i0), int(j0), int(i1), int(j1), source)
+        raise PromptFormatError(f"the box (i {fi0:g}..{fi1:g}, j {fj0:g}..{fj1:g}) has no area; draw a box at least "
+                                "two voxels wide and high")
+    return BoxPrompt(int(k_model), int(i0), int(j0), int(i1), int(j1), source)
 
 
-def _box(params: dict, size_ijk) -> BoxPrompt | None:
+def _box(params: dict, size_ijk, flips: AxisFlips) -> BoxPrompt | None:
     box, roi = params.get("box"), params.get("roi")
     box = None if box in (None, "", [], {}) else box
     roi = None if roi in (None, "", [], {}) else roi
     if box is not None and roi is not None:
         raise PromptFormatError("send either 'box' or 'roi', not both")
+    nk = size_ijk[2]
     if box is not None:
         if not isinstance(box, dict) or "slice" not in box or "corners" not in box:
             raise PromptFormatError(f"'box' must be {{\"slice\": k, \"corners\": [[i0, j0], [i1, j1]]}}, got {box!r}")
@@ -156,26 +167,30 @@ def _box(params: dict, size_ijk) -> BoxPrompt | None:
             raise PromptFormatError(f"box corners must be [[i0, j0], [i1, j1]], got {corners!r}")
         k = _number(box["slice"], "the box's slice")
         (ia, ja), (ib, jb) = [[_number(v, "a box corner coordinate") for v in c] for c in corners]
-        return _clipped_box(k, ia, ja, ib, jb, size_ijk, "box")
+        if not 0 <= _voxel(k) <= nk - 1:
+            raise PromptFormatError(f"the box's slice k = {k:g} lies outside the image's {nk} slices")
+        k_model = min(max(_voxel(_model_slice(k, size_ijk, flips)), 0), nk - 1)
+        return _clipped_box(k_model, ia, ja, ib, jb, size_ijk, "box", flips)
     if roi is not None:
         if not isinstance(roi, (list, tuple)) or len(roi) != 6:
             raise PromptFormatError(f"'roi' must be [i_min, i_max, j_min, j_max, k_min, k_max], got {roi!r}")
         ia, ib, ja, jb, ka, kb = [_number(v, "an roi coordinate") for v in roi]
         k0, k1 = sorted((ka, kb))
-        if _voxel(k1) == _voxel(k0):
-            return _clipped_box(k0, ia, ja, ib, jb, size_ijk, "roi")
-        nk = size_ijk[2]
-        k0c, k1c = max(_voxel(k0), 0), min(_voxel(k1), nk - 1)
-        if k1c < k0c:
+        if _voxel(k1) < 0 or _voxel(k0) > nk - 1:
             raise PromptFormatError(f"the roi's slices k {k0:g}..{k1:g} lie outside the image's {nk} slices")
-        return _clipped_box((k0c + k1c) // 2, ia, ja, ib, jb, size_ijk, "roi_middle_slice")
+        m0, m1 = sorted(_model_slice(k, size_ijk, flips) for k in (ka, kb))
+        m0, m1 = max(_voxel(m0), 0), min(_voxel(m1), nk - 1)
+        if m0 == m1:
+            return _clipped_box(m0, ia, ja, ib, jb, size_ijk, "roi", flips)
+        return _clipped_box((m0 + m1) // 2, ia, ja, ib, jb, size_ijk, "roi_middle_slice", flips)
     return None
 
 
-def parse_prompts(params: dict, size_ijk) -> PromptSet:
-    """The prompts of a request, for an image of ``size_ijk`` voxels."""
+def parse_prompts(params: dict, size_ijk, flips: AxisFlips = AxisFlips()) -> PromptSet:
+    """The prompts of a request, for an image of ``size_ijk`` voxels, in the model's orientation (``flips``)."""
     count = sum(len(params[k]) for k in ("foreground", "background") if isinstance(params.get(k), (list, tuple)))
     if count > MAX_POINTS:
         raise PromptFormatError(f"at most {MAX_POINTS} points per object, got {count}")
-    points = _points(params, "foreground", True, size_ijk) + _points(params, "background", False, size_ijk)
-    return PromptSet(tuple(points), _box(params, size_ijk))
+    points = (_points(params, "foreground", True, size_ijk, flips)
+              + _points(params, "background", False, size_ijk, flips))
+    return PromptSet(tuple(points), _box(params, size_ijk, flips))

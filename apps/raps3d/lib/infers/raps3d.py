@@ -24,7 +24,7 @@ from .. import interaction
 from ..images import GeometryCache, ImageReadError, image_key, is_upload, read_for_model
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService
-from ..prompts import PromptFormatError, PromptSet, parse_prompts
+from ..prompts import BoxPrompt, PromptFormatError, PromptSet, parse_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,9 @@ class Raps3DInfer(InferTask):
         store = self.service.store()
         t_open = time.perf_counter()
         image_key_, state, geometry, was_open = self._open(store, path)
-        prompts = parse_prompts(request, geometry.size)  # checked before anything changes
-        # The session's image is in the model's orientation; replies are in the file's voxel order.
+        # The session's image is in the model's orientation; prompts are mapped there, replies back to the file's.
         flips = raps3d.AxisFlips.from_direction(geometry.direction)
-        model_prompts = prompts.flipped(flips, geometry.shape_zyx)
+        prompts = parse_prompts(request, geometry.size, flips)  # checked before anything changes
         key = (client, image_key_, label)
 
         t_interact = time.perf_counter()
@@ -150,12 +149,12 @@ class Raps3DInfer(InferTask):
         elif do_reset:
             outcome = interaction.reset(store, key)
             if not prompts.empty:
-                outcome = interaction.apply_prompts(store, key, state, model_prompts)
+                outcome = interaction.apply_prompts(store, key, state, prompts)
         elif prompts.empty:
             raise PromptFormatError("no prompt: send 'foreground' points [i, j, k], a 'box' or an 'roi' "
                                     "(or 'reset' / 'undo')")
         else:
-            outcome = interaction.apply_prompts(store, key, state, model_prompts)
+            outcome = interaction.apply_prompts(store, key, state, prompts)
 
         t_write = time.perf_counter()
         result = outcome.result
@@ -168,15 +167,17 @@ class Raps3DInfer(InferTask):
                                      self.result_dir)
         end = time.perf_counter()
 
-        params = self._reply(outcome, roi, prompts, label, client, was_open,
+        box = prompts.box.flipped(flips, geometry.shape_zyx) if prompts.box is not None else None
+        params = self._reply(outcome, roi, box, prompts, label, client, was_open,
                              {"open_image": t_interact - t_open, "interact": t_write - t_interact,
                               "write": end - t_write, "total": end - begin})
         logger.info(f"Raps-3D: client {client!r} label {label!r}: {outcome.mode}, cache_hit {outcome.features_reused}, "
                     f"total {end - begin:.3f} s")
         return label_file, params
 
-    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, prompts: PromptSet, label: str,
-               client: str, was_open: bool, timings: dict) -> dict:
+    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, box: BoxPrompt | None,
+               prompts: PromptSet, label: str, client: str, was_open: bool, timings: dict) -> dict:
+        """``roi`` and ``box`` in the file's voxel order."""
         result = outcome.result
         status = self.service.expected_status()
         model_timings = result.timings if result is not None and outcome.mode in ("new_object", "edit") else {}
@@ -189,7 +190,7 @@ class Raps3DInfer(InferTask):
             "cache_hit": outcome.features_reused,
             "image_cached": was_open,
             "roi": roi_ijk(roi) if roi is not None else None,
-            "box": prompts.box.as_reply() if prompts.box is not None else None,
+            "box": box.as_reply() if box is not None else None,
             "prompts": {"foreground": sum(1 for _, pos in prompts.points if pos),
                         "background": sum(1 for _, pos in prompts.points if not pos)},
             "predicted_iou": round(result.iou, 4) if result is not None else None,
