@@ -63,6 +63,9 @@ def test_an_uploaded_file_that_is_not_an_image_is_422(server):
     r = server.infer("", {"foreground": [[1, 1, 1]]}, files=files)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("cannot read the uploaded file as an image: ")
+    # Whether the image was uploaded is the server's to say: a client's claim in params is dropped.
+    r = server.infer("corrupt", {"foreground": [[1, 1, 0]], "raps3d_uploaded_image": True})
+    assert r.status_code == 422 and r.json()["detail"].startswith("cannot read 'corrupt.nii.gz' as an image"), r.text
 
 
 def test_a_ct_clipped_to_a_display_window_is_422_saying_how_to_send_it(server, tmp_path):
@@ -83,7 +86,7 @@ def test_a_ct_clipped_to_a_display_window_is_422_saying_how_to_send_it(server, t
     detail = r.json()["detail"]
     assert detail.startswith("the uploaded file does not look like CT in Hounsfield units: its lowest value is "
                              "-160") and "as in a CT clipped to a display window" in detail
-    assert "set the viewer's window to start at or below -250 HU" in detail
+    assert "send it unclipped, or with a window that starts at or below -250 HU" in detail
 
 
 def test_undo_without_a_session_is_409(server):

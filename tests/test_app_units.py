@@ -193,6 +193,13 @@ def test_images_that_are_not_ct_in_hounsfield_units_are_refused(tmp_path):
         read_image(path)
     sitk.WriteImage(sitk.GetImageFromArray(mr_like - 1024), path)  # the same values shifted to HU: accepted
     assert read_image(path)[0].min() < -250
+    # A zero background (an MR, a CT stored without its rescale) is not a display window's bottom: the general advice.
+    with_background = mr_like.copy()
+    with_background[:, :8] = 0
+    sitk.WriteImage(sitk.GetImageFromArray(with_background), path)
+    with pytest.raises(ImageReadError, match="convert the image to HU") as refused:
+        read_image(path)
+    assert "display window" not in str(refused.value)
 
 
 def _sample_series_copy(folder: Path, **tags) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -40,8 +39,8 @@ MAX_LABEL_VALUES = 1000
 # Every CT of the body holds air or lung (-1000 to -700 HU) somewhere; an image whose lowest value is above this is
 # not in Hounsfield units (MR, PET, a normalised or shifted CT), and the model's intensity window would misread it.
 LOWEST_HU_AT_MOST = -250.0
-# Air outside the body fills a large share of any body CT: when that many voxels sit at a lowest value above air,
-# the image was clipped (to a viewer's display window) rather than not being CT.
+# Air outside the body fills a large share of any body CT: when that many voxels sit at a negative lowest value above
+# air, the image was clipped (to a viewer's display window) rather than not being CT.
 CLIPPED_SHARE = 0.05
 
 
@@ -71,16 +70,17 @@ class Geometry:
         return image
 
 
-def image_key(path: str) -> tuple:
+def image_key(path: str, by_content: bool = False) -> tuple:
     """Identity of an image file (or DICOM folder) as it is now: a changed file gets a new key, so cached voxels
     and sessions of its previous content are never reused. The change time is part of it: copies that keep the
     modification time (``cp -p``, ``rsync -a``) still change it.
 
-    A file a request uploads (MITK sends the image with every click) is written by MONAI Label to a new temporary file
-    each time: it is known by its content, so that the next click on the same image finds its session and the image
-    already open, instead of opening one more copy and pushing other annotators' images out of the cache."""
+    ``by_content``: a file a request uploads (MITK sends the image with every click) is written by MONAI Label to a new
+    temporary file each time: it is known by its content, so that the next click on the same image finds its session
+    and the image already open, instead of opening one more copy and pushing other annotators' images out of the
+    cache."""
     real = os.path.realpath(path)
-    if is_upload(real):
+    if by_content and os.path.isfile(real):
         digest = hashlib.sha1()
         with open(real, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -90,12 +90,6 @@ def image_key(path: str) -> tuple:
         entries = sorted((e.name, _stamp(e.stat())) for e in os.scandir(real) if e.is_file())
         return real, hashlib.sha1(repr(entries).encode()).hexdigest(), len(entries)  # the same in every process
     return real, _stamp(os.stat(real))
-
-
-def is_upload(path: str) -> bool:
-    """Whether ``path`` is a file a request uploaded: MONAI Label writes those straight into the temporary folder."""
-    real = os.path.realpath(path)
-    return os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -227,12 +221,13 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
         reason = (f"{name!r} does not look like CT in Hounsfield units: its lowest value is {lowest:g}, where a CT "
                   f"has air or lung (below {LOWEST_HU_AT_MOST:g} HU). ")
         share = float(np.count_nonzero(volume == volume.min())) / volume.size
-        if share >= CLIPPED_SHARE:
+        if lowest < 0 and share >= CLIPPED_SHARE:
             # MITK uploads the image as its display window shows it: everything below the window's bottom set to it.
+            # (A background of 0, as MR and CT stored without their rescale have, is not a window's bottom.)
             raise ImageReadError(reason + f"{share:.0%} of its voxels hold exactly that value, as in a CT clipped "
-                                 "to a display window (MITK sends the image as it is displayed): set the viewer's "
-                                 f"window to start at or below {LOWEST_HU_AT_MOST:g} HU (a lung or bone window), "
-                                 "then segment")
+                                 "to a display window (MITK sends the image as its window shows it): send it "
+                                 f"unclipped, or with a window that starts at or below {LOWEST_HU_AT_MOST:g} HU (a "
+                                 "lung or bone window)")
         raise ImageReadError(reason + "Raps-3D segments CT; convert the image to HU (rescale slope and intercept) or "
                              "use a CT series")
 

@@ -15,6 +15,7 @@ The request handling itself is MONAI Label's (``run_inference``), with the same 
 request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder).
 """
 
+import json
 import logging
 import os
 from typing import Optional
@@ -31,6 +32,9 @@ from .routes import check_plain_name, parse_params, put_first, remove_uploads
 logger = logging.getLogger(__name__)
 
 ROUTE_NAME = "raps3d_infer_threaded"
+# Set by this route (never by the client) when the request uploads its image: the infer task then knows the image
+# by its content, as MONAI Label writes each upload to a new temporary file.
+UPLOADED_PARAM = "raps3d_uploaded_image"
 
 
 def check_image_id(image: str, known_ids) -> None:
@@ -52,13 +56,18 @@ def live_session(session_id: str) -> bool:
     return sessions is not None and sessions.get_session(session_id, update_ts=False) is not None
 
 
-def checked_params(params: str, image: str, uploaded: bool) -> None:
-    """A 400 for ``params`` that are not a JSON object, or that name another image than the request's (MONAI Label
-    lets them replace it)."""
+def checked_params(params: str, image: str, uploaded: bool) -> str:
+    """``params`` as passed on, with UPLOADED_PARAM set when the request uploads its image (and only then); a 400
+    for ``params`` that are not a JSON object, or that name another image than the request's (MONAI Label lets them
+    replace it)."""
     values = parse_params(params)
     if "image" in values and (uploaded or values["image"] != image):
         raise HTTPException(status_code=400, detail="the image goes in the request's 'image' (or as an uploaded "
                                                     "file), not in params")
+    values.pop(UPLOADED_PARAM, None)
+    if uploaded:
+        values[UPLOADED_PARAM] = True
+    return json.dumps(values)
 
 
 def raps3d_infer(
@@ -72,7 +81,7 @@ def raps3d_infer(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    checked_params(params, image, file is not None)
+    params = checked_params(params, image, file is not None)
     if file is None:
         if live_session(session_id):
             # The session's image replaces the request's; should the session end meanwhile, MONAI Label would

@@ -21,7 +21,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 import raps3d
 
 from .. import interaction
-from ..images import GeometryCache, ImageReadError, image_key, is_upload, read_for_model
+from ..images import GeometryCache, ImageReadError, image_key, read_for_model
+from ..infer_route import UPLOADED_PARAM
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService
 from ..prompts import BoxPrompt, PromptFormatError, PromptSet, parse_prompts
@@ -105,12 +106,12 @@ class Raps3DInfer(InferTask):
         except (ImageReadError, raps3d.ImageError) as e:
             path = request.get("image")
             detail = str(e)
-            if isinstance(path, str) and is_upload(path):  # named by its temporary file: name it as the client knows it
+            if request.get(UPLOADED_PARAM) is True and isinstance(path, str):  # named by its temporary file
                 detail = detail.replace(repr(os.path.basename(path)), "the uploaded file")
             raise HTTPException(status_code=422, detail=detail) from None
 
-    def _open(self, store: raps3d.SessionStore, path: str):
-        key = image_key(path)
+    def _open(self, store: raps3d.SessionStore, path: str, uploaded: bool):
+        key = image_key(path, by_content=uploaded)
 
         def load():
             volume, geometry, _ = read_for_model(path)
@@ -134,7 +135,7 @@ class Raps3DInfer(InferTask):
 
         store = self.service.store()
         t_open = time.perf_counter()
-        image_key_, state, geometry, was_open = self._open(store, path)
+        image_key_, state, geometry, was_open = self._open(store, path, request.get(UPLOADED_PARAM) is True)
         # The session's image is in the model's orientation; prompts are mapped there, replies back to the file's.
         flips = raps3d.AxisFlips.from_direction(geometry.direction)
         prompts = parse_prompts(request, geometry.size, flips)  # checked before anything changes
