@@ -507,6 +507,13 @@ def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unrea
     second = scoring({}, datastore)
     assert list(second["scored"]) == ["phantom_02"] and second["unchanged"] == ["broken", "phantom_01"]
     assert 0.0 <= datastore.get_image_info("phantom_02")[SCORE_KEY] <= 1.0
+    # A score computed the way of an earlier version (before images were shown in the model's orientation, say)
+    # is computed again.
+    old = dict(datastore.get_image_info("phantom_01")[DETAILS_KEY])
+    del old["version"]
+    datastore.update_image_info("phantom_01", {DETAILS_KEY: old})
+    third = scoring({}, datastore)
+    assert list(third["scored"]) == ["phantom_01"] and third["unchanged"] == ["broken", "phantom_02"]
 
 
 # -- model service ----------------------------------------------------------------------------------------------------

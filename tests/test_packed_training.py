@@ -55,6 +55,10 @@ def test_a_foreign_file_is_refused(tmp_path):
     np.savez(path, header=np.frombuffer(b'{"format": "x"}', np.uint8))
     with pytest.raises(ValueError, match="not a packed case file"):
         load_packed(path)
+    # A file packed before volumes were read in the model's orientation: its cases would train upside down.
+    np.savez(path, header=np.frombuffer(b'{"format": "raps3d-packed-cases-v1"}', np.uint8))
+    with pytest.raises(ValueError, match="from before training read them in the model's orientation; pack the data"):
+        load_packed(path)
 
 
 def test_sample_workers_draw_different_samples(splits):

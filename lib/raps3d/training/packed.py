@@ -19,7 +19,8 @@ import numpy as np
 from .data import Case, data_root, training_cases, validation_cases
 from .sampling import augmented_hu_range
 
-FORMAT = "raps3d-packed-cases-v1"
+# v2: volumes in the model's orientation (``raps3d.orientation``); v1 files hold them as stored, and are refused.
+FORMAT = "raps3d-packed-cases-v2"
 LEVELS = 255
 
 
@@ -55,6 +56,9 @@ def load_packed(path: str | Path) -> dict[str, list[Case]]:
     """The cases of a file written by ``save_packed``, as ``{split name: cases}``."""
     with np.load(path) as f:
         header = json.loads(f["header"].tobytes())
+        if header.get("format") == "raps3d-packed-cases-v1":
+            raise ValueError(f"{path} holds the volumes as their files store them, from before training read them in "
+                             "the model's orientation; pack the data again (python -m raps3d.training.packed)")
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a packed case file ({FORMAT!r} expected)")
         lo, hi = header["hu_range"]

@@ -3,7 +3,7 @@
 Each image gets one automatic click (the brightest soft-tissue blob, see ``auto_prompt``); the model's own
 predicted IoU of its mask tells how sure it is: uncertainty = 1 - predicted IoU. The score is stored in the image's
 info in the datastore (``datastore.update_image_info``), with the weights and file it was computed for, so an image
-is scored again only when the model or the file changed. MONAI Label runs this in a subprocess by default (at
+is scored again only when the model, the file or the way of scoring (``SCORING_VERSION``) changed. MONAI Label runs this in a subprocess by default (at
 start, after training, after each next-sample request) or in the server with ``run_sync``. Over DICOMweb it scores
 only series already fetched into the cache, unless the request says ``fetch``.
 """
@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 SCORE_KEY = "raps3d_uncertainty"
 DETAILS_KEY = "raps3d_uncertainty_details"
+# How scores are computed; a stored score of another version is computed again. 2: the image in the model's
+# orientation (``raps3d.orientation``; version 1 showed the model a DICOM series upside down).
+SCORING_VERSION = 2
 
 
 def _asked(request: dict, key: str) -> bool:
@@ -70,7 +73,8 @@ class Raps3DUncertainty(ScoringMethod):
                 continue
             file_id = _file_id(path)
             details = datastore.get_image_info(image_id).get(DETAILS_KEY) or {}
-            if not rescore and details.get("weights") == weights and details.get("file") == file_id:
+            if (not rescore and details.get("weights") == weights and details.get("file") == file_id
+                    and details.get("version") == SCORING_VERSION):
                 summary["unchanged"].append(image_id)
                 continue
             start = time.perf_counter()
@@ -81,7 +85,8 @@ class Raps3DUncertainty(ScoringMethod):
                 # file changes.
                 logger.warning(f"Raps-3D scoring: {image_id}: {e}")
                 datastore.update_image_info(image_id, {SCORE_KEY: None, DETAILS_KEY: {
-                    "weights": weights, "file": file_id, "error": str(e), "ts": int(time.time())}})
+                    "weights": weights, "file": file_id, "version": SCORING_VERSION, "error": str(e),
+                    "ts": int(time.time())}})
                 summary["failed"][image_id] = str(e)
                 continue
             except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
@@ -91,7 +96,8 @@ class Raps3DUncertainty(ScoringMethod):
                 summary["failed"][image_id] = f"{type(e).__name__}: {e}"
                 continue
             datastore.update_image_info(image_id, {SCORE_KEY: score, DETAILS_KEY: {
-                "weights": weights, "file": file_id, "seed_ijk": list(seed[::-1]), "ts": int(time.time()),
+                "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
+                "ts": int(time.time()),
                 "seconds": round(time.perf_counter() - start, 3)}})
             summary["scored"][image_id] = score
             logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
