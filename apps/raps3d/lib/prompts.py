@@ -10,9 +10,9 @@ however the file stores the image. Accepted request parameters:
   in any order.
 - ``roi``: ``[i_min, i_max, j_min, j_max, k_min, k_max]`` (3D Slicer's ROI; inclusive; a pair may come reversed).
   An ROI one slice thick (``k_min == k_max``) is a 2D box on that slice. A thicker ROI is reduced to a 2D box on
-  its middle slice, ``(k_min + k_max) // 2`` counted in the model's orientation, with the same in-plane corners: the model takes 2D boxes only, and a
-  box on the middle slice lets the model find the object's extent in depth itself. The reply says which slice
-  was used.
+  its middle slice, ``(k_min + k_max) // 2`` counted in the model's orientation, with the same in-plane corners:
+  the model takes 2D boxes only, and a box on the middle slice lets the model find the object's extent in depth
+  itself. The reply says which slice was used.
 
 ``box`` and ``roi`` are exclusive. Bounds (a point outside the image, an empty box) are checked here in the request's
 ``[i, j, k]`` terms and again by the library.

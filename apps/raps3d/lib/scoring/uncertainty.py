@@ -3,9 +3,9 @@
 Each image gets one automatic click (the brightest soft-tissue blob, see ``auto_prompt``); the model's own
 predicted IoU of its mask tells how sure it is: uncertainty = 1 - predicted IoU. The score is stored in the image's
 info in the datastore (``datastore.update_image_info``), with the weights and file it was computed for, so an image
-is scored again only when the model, the file or the way of scoring (``SCORING_VERSION``) changed. MONAI Label runs this in a subprocess by default (at
-start, after training, after each next-sample request) or in the server with ``run_sync``. Over DICOMweb it scores
-only series already fetched into the cache, unless the request says ``fetch``.
+is scored again only when the model, the file or the way of scoring (``SCORING_VERSION``) changed. MONAI Label runs
+this in a subprocess by default (at start, after training, after each next-sample request) or in the server with
+``run_sync``. Over DICOMweb it scores only series already fetched into the cache, unless the request says ``fetch``.
 """
 
 from __future__ import annotations
