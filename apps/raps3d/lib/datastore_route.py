@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 from typing import Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
@@ -37,6 +38,9 @@ from .routes import check_plain_name, parse_params, put_first, remove_uploads
 logger = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "raps3d_datastore_checked"
+# Checking an image reads all of it (up to 1 GiB, twice that while it is read): uploads arriving together take turns
+# beyond this many, instead of each holding a volume in the thread pool at once.
+_IMAGE_CHECKS = threading.BoundedSemaphore(2)
 
 
 def uploaded_image_id(filename: str | None) -> str:
@@ -137,7 +141,7 @@ def check_label(label: UploadFile, image_path: str) -> None:
 def check_image(image: UploadFile) -> None:
     """A 422 unless the upload reads as a CT volume the model can segment (the checks of every request on it), so
     that an annotator never gets a file no request can open as the next image to label."""
-    with upload_copy(image, "image.nii.gz") as (copy, name):
+    with upload_copy(image, "image.nii.gz") as (copy, name), _IMAGE_CHECKS:
         try:
             volume, geometry = read_image(copy)
             check_volume(volume, geometry.spacing[::-1])
