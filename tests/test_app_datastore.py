@@ -280,3 +280,17 @@ def test_a_label_that_training_could_not_read_is_422_and_not_saved(server):
     assert set(scratch.iterdir()) == before
     datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()
     assert not datastore["objects"][IMAGE]["labels"], "nothing was recorded for the image"
+
+
+@pytest.mark.parametrize("route", ["/infer/wsi/raps3d", "/infer/wsi_v2/raps3d"])
+def test_whole_slide_routes_are_refused(server, route, outside_ct):
+    # MONAI Label's whole-slide routes merge their params into the request and open any path: not for a CT model.
+    if route.endswith("wsi_v2/raps3d"):
+        r = requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
+                          data={"wsi": json.dumps({"params": {"foreground": [CLICK]}})}, timeout=60)
+    else:
+        r = requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
+                          json={"params": {"foreground": [CLICK]}}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == ("Raps-3D segments CT volumes; whole-slide inference is not offered: use POST "
+                                  "/infer/raps3d")

@@ -269,5 +269,7 @@ def test_replay_takes_the_box_or_first_point_then_one_point_per_step():
     assert replay_steps(prompts) == [((), (4, (20, 10), (40, 30))), ((((9.0, 8.0, 7.0), False),), None)]
     many = parse_prompts({"foreground": [[i, i, 1] for i in range(100)]}, size)
     steps = replay_steps(many)
-    assert len(steps) == MAX_REPLAY_STEPS and all(len(points) == 1 for points, _ in steps[:-1])
+    # The earliest points after the first go together: the latest stay one per step, for undo.
+    assert len(steps) == MAX_REPLAY_STEPS and len(steps[1][0]) == 100 - MAX_REPLAY_STEPS + 1
+    assert all(len(points) == 1 for points, _ in steps[:1] + steps[2:])
     assert [p for points, _ in steps for p in points] == list(many.points)

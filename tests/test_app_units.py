@@ -45,7 +45,7 @@ def test_a_fractional_click_counts_in_the_voxel_that_holds_it():
     # Voxel n spans n - 0.5 to n + 0.5: a click in the outer half of an edge voxel is in the image.
     prompts = parse_prompts({"foreground": [[-0.3, 20, 47.4]], "background": [[159.49, 0.2, 0]]}, SIZE)
     assert prompts.points == (((47.0, 20.0, 0.0), True), ((0.0, 0.2, 159.0), False))
-    for outside in ([-0.51, 20, 10], [159.5, 20, 10], [10, 20, 47.5]):
+    for outside in ([-0.5, 20, 10], [159.5, 20, 10], [10, 20, 47.5]):  # open at both ends, alike when reversed
         with pytest.raises(PromptFormatError, match="lies outside the image"):
             parse_prompts({"foreground": [outside]}, SIZE)
     # Halves go up for boxes too (round() would take 24.5 to 24, 25.5 to 26).
@@ -684,6 +684,49 @@ def test_a_rejected_first_prompt_leaves_no_session(session_store):
         interaction.apply_prompts(session_store, key, image, parse_prompts({"background": [[5, 5, 5]]},
                                                                            (56, 48, 24)))
     assert session_store.find_object(key) is None
+
+
+def test_a_request_waiting_on_a_replay_that_fails_does_not_edit_the_half_built_object(session_store, monkeypatch):
+    import threading
+
+    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
+    key = ("client", "vol", "aorta")
+    size = (56, 48, 24)
+    clicks = [[20, 20, 12], [18, 19, 12], [22, 22, 12], [21, 18, 12]]
+    interact, calls = raps3d.InteractiveObject.interact, []
+    third_step, waiter_blocked = threading.Event(), threading.Event()
+
+    def fails_at_the_third_step(self, points=(), box=None):
+        calls.append(points)
+        if len(calls) == 3:
+            third_step.set()
+            waiter_blocked.wait(30)  # the other request is waiting on this object's lock now
+            raise RuntimeError("out of memory")
+        return interact(self, points, box)
+
+    monkeypatch.setattr(raps3d.InteractiveObject, "interact", fails_at_the_third_step)
+    errors = []
+
+    def replay():
+        try:
+            interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": clicks[:3]}, size))
+        except RuntimeError as e:
+            errors.append(e)
+
+    first = threading.Thread(target=replay)
+    first.start()
+    assert third_step.wait(60)
+    outcome = []
+    second = threading.Thread(target=lambda: outcome.append(interaction.apply_prompts(
+        session_store, key, image, parse_prompts({"foreground": clicks}, size))))
+    second.start()
+    second.join(0.5)  # blocked on the lock of the half-built object
+    waiter_blocked.set()
+    first.join(60)
+    second.join(60)
+    assert errors and outcome, (errors, outcome)
+    assert outcome[0].mode == "new_object"  # not an "edit" of the object the failed replay left behind
+    assert session_store.find_object(key).prompts.points == tuple(parse_prompts({"foreground": clicks}, size).points)
 
 
 # -- automatic click ---------------------------------------------------------------------------------------------------

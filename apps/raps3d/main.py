@@ -85,7 +85,15 @@ class Raps3DApp(MONAILabelApp):
             dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
         return super().infer(request, datastore)
 
+    def infer_wsi(self, request, datastore=None):
+        # MONAI Label's whole-slide routes (/infer/wsi, /infer/wsi_v2) would pass any path or params to the infer
+        # task unchecked; a CT model has no use for them.
+        raise HTTPException(status_code=400, detail="Raps-3D segments CT volumes; whole-slide inference is not "
+                                                    f"offered: use POST /infer/{MODEL_NAME}")
+
     def batch_infer(self, request, datastore=None):
+        request = dict(request)
+        request.pop(infer_route.UPLOADED_PARAM, None)  # the infer route's to set, for an upload; a batch has none
         # MONAI Label opens any path listed in "images" (a file elsewhere on the server): only the datastore's ids.
         images = request.get("images")
         if images is not None and not isinstance(images, (str, list)):  # MONAI Label would take a dict's keys

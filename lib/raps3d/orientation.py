@@ -5,7 +5,7 @@ inferior to superior, NIfTI files written in RAS with rows and columns reversed,
 superior to inferior. The network sees voxels only, and a flip changes what it sees: on 8 OpenKBP validation patients
 the first 2D box scored Dice 0.64 as stored, 0.54 with the slices reversed and 0.51 with the rows reversed (lung
 nodules hardly change). So every volume is flipped into one orientation before the model, prompts with it, and
-masks back; the model's orientation is that of its head-and-neck training CT (OpenKBP, 60 % of the training samples):
+masks back; the model's orientation is that of its head-and-neck training CT (OpenKBP, the data drawn most):
 
 - array axis 0 (z, the slice) runs towards the patient's feet (slice 0 the most superior),
 - axis 1 (y, the row) towards the back (row 0 anterior),

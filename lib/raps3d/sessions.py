@@ -104,9 +104,12 @@ class SessionStore:
         except SessionError:
             return None
 
-    def drop_object(self, key: ObjectKey) -> None:
+    def drop_object(self, key: ObjectKey, obj: InteractiveObject | None = None) -> None:
+        """Forgets ``key``'s session; with ``obj``, only if that is still the session (another request may have
+        replaced it meanwhile)."""
         with self._lock:
-            self._objects.pop(key, None)
+            if obj is None or self._objects.get(key) is obj:
+                self._objects.pop(key, None)
 
     def expire(self) -> int:
         """Drops the images and objects idle for longer than ``idle_seconds`` (every access does this too; a server

@@ -11,13 +11,13 @@ itself is MONAI Label's (``add_image``, ``save_label``, ``remove_image``, ``remo
 and roles.
 """
 
+import asyncio
 import contextlib
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
-import threading
 from typing import Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
@@ -38,9 +38,9 @@ from .routes import check_plain_name, parse_params, put_first, remove_uploads
 logger = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "raps3d_datastore_checked"
-# Checking an image reads all of it (up to 1 GiB, twice that while it is read): uploads arriving together take turns
-# beyond this many, instead of each holding a volume in the thread pool at once.
-_IMAGE_CHECKS = threading.BoundedSemaphore(2)
+# Checking an upload reads all of it (an image up to 1 GiB, twice that while it is read): uploads arriving together
+# take turns beyond this many, waiting on the event loop rather than each holding a volume and a worker thread.
+_UPLOAD_CHECKS = asyncio.Semaphore(2)
 
 
 def uploaded_image_id(filename: str | None) -> str:
@@ -62,7 +62,8 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     if image_id:
         check_plain_name(image_id, "the image id" if image else "the image id (the uploaded file's name)")
     parse_params(params)
-    await run_in_threadpool(check_image, file)  # reads the whole volume: off the event loop
+    async with _UPLOAD_CHECKS:
+        await run_in_threadpool(check_image, file)  # reads the whole volume: off the event loop
     try:
         return add_image(background_tasks, image, params, file, user.username)
     except BaseException:
@@ -87,7 +88,8 @@ async def raps3d_save_label(
     # would download the series.
     image_path = "" if isinstance(store, DICOMWebDatastore) else store.get_image_uri(image)
     if image_path:
-        await run_in_threadpool(check_label, label, image_path)
+        async with _UPLOAD_CHECKS:
+            await run_in_threadpool(check_label, label, image_path)
     try:
         return save_label(background_tasks, image, params, tag, label, user.username)
     except ImageNotFoundException:
@@ -141,7 +143,7 @@ def check_label(label: UploadFile, image_path: str) -> None:
 def check_image(image: UploadFile) -> None:
     """A 422 unless the upload reads as a CT volume the model can segment (the checks of every request on it), so
     that an annotator never gets a file no request can open as the next image to label."""
-    with upload_copy(image, "image.nii.gz") as (copy, name), _IMAGE_CHECKS:
+    with upload_copy(image, "image.nii.gz") as (copy, name):
         try:
             volume, geometry = read_image(copy)
             check_volume(volume, geometry.spacing[::-1])

@@ -81,9 +81,11 @@ def raps3d_infer(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    params = checked_params(params, image, file is not None)
+    session = live_session(session_id)
+    # With a live session MONAI Label segments the session's image, even when a file comes too.
+    params = checked_params(params, image, file is not None and not session)
     if file is None:
-        if live_session(session_id):
+        if session:
             # The session's image replaces the request's; should the session end meanwhile, MONAI Label would
             # fall back to the request's, unchecked: it is not passed on.
             image = ""

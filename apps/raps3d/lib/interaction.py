@@ -27,8 +27,10 @@ import raps3d
 from .prompts import PromptSet
 
 
-# A request with more prompts than this is replayed in this many steps, the last taking the rest at once: each step
-# is a decoder pass (0.01-0.2 s on a CPU), and an object takes up to 128 points.
+# A request with more prompts than this is replayed in this many steps: the first prompt, then the earliest points at
+# once, then the latest ones one per step (so that undo still goes back one click at a time). A step is a decoder
+# pass (0.01-0.05 s on a CPU), or an encoder pass when a positive point grows the region (0.1-0.2 s); an object takes
+# up to 128 points.
 MAX_REPLAY_STEPS = 32
 
 
@@ -41,7 +43,7 @@ class Outcome:
 
 def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
     """The request's prompts as the library's steps ``(points, box)``: the box, or the first point, then one point
-    per step (at most MAX_REPLAY_STEPS steps)."""
+    per step (at most MAX_REPLAY_STEPS steps: the earliest points after the first prompt are then taken together)."""
     points = list(prompts.points)
     if prompts.box is not None:
         steps = [((), prompts.box.to_library())]
@@ -50,7 +52,8 @@ def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
         points = points[1:]
     steps += [((p,), None) for p in points]
     if len(steps) > MAX_REPLAY_STEPS:
-        steps = steps[:MAX_REPLAY_STEPS - 1] + [(tuple(p for s in steps[MAX_REPLAY_STEPS - 1:] for p in s[0]), None)]
+        together = len(steps) - MAX_REPLAY_STEPS + 1  # steps 1..together become one
+        steps = [steps[0], (tuple(p for s in steps[1:together + 1] for p in s[0]), None)] + steps[together + 1:]
     return steps
 
 
@@ -61,7 +64,7 @@ def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, promp
             for points, box in replay_steps(prompts):
                 result = obj.interact(points=points, box=box)
         except Exception:
-            store.drop_object(key)  # a rejected first prompt leaves no half-made session behind
+            store.drop_object(key, obj)  # a rejected prompt or a failed step leaves no half-made session behind
             raise
     # Both passes ran; the zoom-out features may have come from another object on the same image.
     return Outcome(result, "new_object", False)
@@ -72,6 +75,9 @@ def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Has
     obj = store.find_object(key)
     if obj is not None and obj.image is image:
         with obj.lock:
+            if store.find_object(key) is not obj:
+                # Replaced or dropped while this request waited (a replay that failed halfway, say): not a session.
+                return _new_object(store, key, image, prompts)
             current = obj.prompts
             if obj.result is not None and prompts.matches(current):
                 return Outcome(obj.result, "repeat", True)

@@ -101,6 +101,12 @@ def _voxel(c: float) -> int:
     return math.floor(c + 0.5)
 
 
+def _inside(c: float, size: int) -> bool:
+    """Whether position ``c`` lies within an axis of ``size`` voxels: -0.5 < c < size - 0.5 (both ends open, so that
+    the answer is the same along a reversed axis)."""
+    return -0.5 < c < size - 0.5
+
+
 def _to_model(ijk, size_ijk, flips: AxisFlips) -> list[float]:
     """Positions [i, j, k] of the file, in the model's orientation (i is array axis 2, j 1, k 0)."""
     return [s - 1 - c if axis in flips.axes else c for c, s, axis in zip(ijk, size_ijk, (2, 1, 0))]
@@ -117,7 +123,7 @@ def _points(params: dict, name: str, positive: bool, size_ijk, flips: AxisFlips)
         if not isinstance(p, (list, tuple)) or len(p) != 3:
             raise PromptFormatError(f"{name} point {n} must be three numbers [i, j, k], got {p!r}")
         ijk = [_number(c, f"{name} point {n} coordinate") for c in p]
-        if any(not 0 <= _voxel(c) <= s - 1 for c, s in zip(ijk, size_ijk)):
+        if any(not _inside(c, s) for c, s in zip(ijk, size_ijk)):
             raise PromptFormatError(f"{name} point {n} [i, j, k] = {p!r} lies outside the image of size "
                                     f"{list(size_ijk)} (valid indices 0..size-1)")
         # A click in the outer half of an edge voxel (a viewer sending fractional indices): that voxel's centre side.
@@ -137,7 +143,7 @@ def _clipped_box(k_model: int, ia: float, ja: float, ib: float, jb: float, size_
     ni, nj, _ = size_ijk
     fi0, fi1 = sorted((ia, ib))
     fj0, fj1 = sorted((ja, jb))
-    if fi1 < 0 or fj1 < 0 or fi0 > ni - 1 or fj0 > nj - 1:
+    if fi1 <= -0.5 or fj1 <= -0.5 or fi0 >= ni - 0.5 or fj0 >= nj - 0.5:
         raise PromptFormatError(f"the box (i {fi0:g}..{fi1:g}, j {fj0:g}..{fj1:g}) lies outside the slice of "
                                 f"{ni} x {nj} voxels")
     (ia, ja, _), (ib, jb, _) = _to_model([ia, ja, 0.0], size_ijk, flips), _to_model([ib, jb, 0.0], size_ijk, flips)
@@ -167,7 +173,7 @@ def _box(params: dict, size_ijk, flips: AxisFlips) -> BoxPrompt | None:
             raise PromptFormatError(f"box corners must be [[i0, j0], [i1, j1]], got {corners!r}")
         k = _number(box["slice"], "the box's slice")
         (ia, ja), (ib, jb) = [[_number(v, "a box corner coordinate") for v in c] for c in corners]
-        if not 0 <= _voxel(k) <= nk - 1:
+        if not _inside(k, nk):
             raise PromptFormatError(f"the box's slice k = {k:g} lies outside the image's {nk} slices")
         k_model = min(max(_voxel(_model_slice(k, size_ijk, flips)), 0), nk - 1)
         return _clipped_box(k_model, ia, ja, ib, jb, size_ijk, "box", flips)
@@ -176,7 +182,7 @@ def _box(params: dict, size_ijk, flips: AxisFlips) -> BoxPrompt | None:
             raise PromptFormatError(f"'roi' must be [i_min, i_max, j_min, j_max, k_min, k_max], got {roi!r}")
         ia, ib, ja, jb, ka, kb = [_number(v, "an roi coordinate") for v in roi]
         k0, k1 = sorted((ka, kb))
-        if _voxel(k1) < 0 or _voxel(k0) > nk - 1:
+        if k1 <= -0.5 or k0 >= nk - 0.5:
             raise PromptFormatError(f"the roi's slices k {k0:g}..{k1:g} lie outside the image's {nk} slices")
         m0, m1 = sorted(_model_slice(k, size_ijk, flips) for k in (ka, kb))
         m0, m1 = max(_voxel(m0), 0), min(_voxel(m1), nk - 1)
