@@ -285,12 +285,20 @@ def test_a_label_that_training_could_not_read_is_422_and_not_saved(server):
 @pytest.mark.parametrize("route", ["/infer/wsi/raps3d", "/infer/wsi_v2/raps3d"])
 def test_whole_slide_routes_are_refused(server, route, outside_ct):
     # MONAI Label's whole-slide routes merge their params into the request and open any path: not for a CT model.
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    requests_sent = [requests.post(f"{server.url}{route}", timeout=60)]  # no image at all (MONAI Label: 500)
     if route.endswith("wsi_v2/raps3d"):
-        r = requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
-                          data={"wsi": json.dumps({"params": {"foreground": [CLICK]}})}, timeout=60)
+        ct = outside_ct.read_bytes()
+        requests_sent.append(requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
+                                           data={"wsi": json.dumps({"params": {"foreground": [CLICK]}})},
+                                           files={"file": ("ct.nii.gz", ct, "application/octet-stream")},
+                                           timeout=60))
     else:
-        r = requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
-                          json={"params": {"foreground": [CLICK]}}, timeout=60)
-    assert r.status_code == 400, r.text
-    assert r.json()["detail"] == ("Raps-3D segments CT volumes; whole-slide inference is not offered: use POST "
-                                  "/infer/raps3d")
+        requests_sent.append(requests.post(f"{server.url}{route}", params={"image": str(outside_ct)},
+                                           json={"params": {"foreground": [CLICK]}}, timeout=60))
+    for r in requests_sent:
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == ("Raps-3D segments CT volumes; whole-slide inference is not offered: use POST "
+                                      "/infer/raps3d")
+    assert set(scratch.iterdir()) == before  # an uploaded file is not kept

@@ -987,3 +987,14 @@ def test_a_publication_keeps_the_model_it_replaces_only_when_that_one_loads(tmp_
     keep_previous(served)
     assert previous_path(served).read_bytes() == kept
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_ct_clipped_to_a_window_that_starts_at_zero_gets_the_window_advice(tmp_path):
+    # A brain window (0 to 80 HU): air and fat clipped to 0, bone to 80; an MR's zero background has no such top.
+    path = str(tmp_path / "post_from_mitk.nii.gz")
+    ct = np.full((8, 32, 32), -1000, np.int16)
+    ct[:, 4:28, 4:28] = 35  # brain
+    ct[:, 4:28, 4:6] = 900  # skull
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(ct, 0, 80)), path)
+    with pytest.raises(ImageReadError, match="as in a CT clipped to a display window"):
+        read_image(path)

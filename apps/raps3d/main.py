@@ -87,9 +87,9 @@ class Raps3DApp(MONAILabelApp):
 
     def infer_wsi(self, request, datastore=None):
         # MONAI Label's whole-slide routes (/infer/wsi, /infer/wsi_v2) would pass any path or params to the infer
-        # task unchecked; a CT model has no use for them.
-        raise HTTPException(status_code=400, detail="Raps-3D segments CT volumes; whole-slide inference is not "
-                                                    f"offered: use POST /infer/{MODEL_NAME}")
+        # task unchecked; a CT model has no use for them. (The app's routes refuse them first; this is the backstop.)
+        raise HTTPException(status_code=400,
+                            detail=infer_route.WHOLE_SLIDE_REFUSAL.format(model=request.get("model", MODEL_NAME)))
 
     def batch_infer(self, request, datastore=None):
         request = dict(request)

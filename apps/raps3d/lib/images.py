@@ -3,6 +3,8 @@
 Images are read with SimpleITK, the same ITK reader MONAI's LoadImage uses, so voxel ``[i, j, k]`` of a viewer is
 ``volume[k, j, i]`` here, and the geometry (LPS spacing, origin, direction) is what viewers read from the image.
 SimpleITK's array is already (k, j, i) = (z, y, x) and C-contiguous: no transpose or copy is needed afterwards.
+``read_for_model`` then reverses, into a copy, the axes the file stores against the model's orientation
+(``raps3d.orientation``); what the model sees is no longer ``volume[k, j, i]`` along those axes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ LOWEST_HU_AT_MOST = -250.0
 # Air outside the body fills a large share of any body CT: when that many voxels sit at a negative lowest value above
 # air, the image was clipped (to a viewer's display window) rather than not being CT.
 CLIPPED_SHARE = 0.05
+# A window starting at 0 or above (a brain window, 0 to 80 HU) is told from a zero background by its top: bone is
+# clipped to it, where an MR or a raw CT has few voxels at exactly its highest value.
+CLIPPED_TOP_SHARE = 0.005
 
 
 @dataclass(frozen=True)
@@ -221,9 +226,11 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
         reason = (f"{name!r} does not look like CT in Hounsfield units: its lowest value is {lowest:g}, where a CT "
                   f"has air or lung (below {LOWEST_HU_AT_MOST:g} HU). ")
         share = float(np.count_nonzero(volume == volume.min())) / volume.size
-        if lowest < 0 and share >= CLIPPED_SHARE:
-            # MITK uploads the image as its display window shows it: everything below the window's bottom set to it.
-            # (A background of 0, as MR and CT stored without their rescale have, is not a window's bottom.)
+        at_top = float(np.count_nonzero(volume == volume.max())) / volume.size
+        if share >= CLIPPED_SHARE and (lowest < 0 or at_top >= CLIPPED_TOP_SHARE):
+            # MITK uploads the image as its display window shows it: everything below the window's bottom set to it,
+            # and everything above its top (bone) to that. A zero background alone (MR, a CT stored without its
+            # rescale) is not a window's bottom.
             raise ImageReadError(reason + f"{share:.0%} of its voxels hold exactly that value, as in a CT clipped "
                                  "to a display window (MITK sends the image as its window shows it): send it "
                                  f"unclipped, or with a window that starts at or below {LOWEST_HU_AT_MOST:g} HU (a "

@@ -98,8 +98,22 @@ def raps3d_infer(
         raise
 
 
+WHOLE_SLIDE_REFUSAL = "Raps-3D segments CT volumes; whole-slide inference is not offered: use POST /infer/{model}"
+
+
+def refuse_whole_slide(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """MONAI Label's whole-slide routes pass any path or parameter to the infer task unchecked (and keep an uploaded
+    file when they fail): refused before the request's body is read."""
+    raise HTTPException(status_code=400, detail=WHOLE_SLIDE_REFUSAL.format(model=model[:100]))
+
+
 def install(fastapi_app=None) -> bool:
-    """Puts the threaded infer route before MONAI Label's; False when it is there already."""
+    """Puts the threaded infer route before MONAI Label's, and refuses its whole-slide routes; False when they are
+    there already."""
+    for path in ("wsi", "wsi_v2"):
+        put_first(APIRoute(f"{settings.MONAI_LABEL_API_STR}/infer/{path}/{{model}}", refuse_whole_slide,
+                           methods=["POST"], name=f"raps3d_refuse_{path}", summary="Whole-slide inference: refused"),
+                  fastapi_app)
     route = APIRoute(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", raps3d_infer, methods=["POST"],
                      name=ROUTE_NAME, summary="Run Inference for supported model (in a worker thread)")
     if not put_first(route, fastapi_app):

@@ -125,7 +125,8 @@ def _points(params: dict, name: str, positive: bool, size_ijk, flips: AxisFlips)
         ijk = [_number(c, f"{name} point {n} coordinate") for c in p]
         if any(not _inside(c, s) for c, s in zip(ijk, size_ijk)):
             raise PromptFormatError(f"{name} point {n} [i, j, k] = {p!r} lies outside the image of size "
-                                    f"{list(size_ijk)} (valid indices 0..size-1)")
+                                    f"{list(size_ijk)} (voxel indices 0..size-1; a position counts in the "
+                                    "voxel that holds it, -0.5 < c < size - 0.5)")
         # A click in the outer half of an edge voxel (a viewer sending fractional indices): that voxel's centre side.
         ijk = [min(max(c, 0.0), s - 1.0) for c, s in zip(_to_model(ijk, size_ijk, flips), size_ijk)]
         points.append(((ijk[2], ijk[1], ijk[0]), positive))
