@@ -58,7 +58,8 @@ def load_packed(path: str | Path) -> dict[str, list[Case]]:
         header = json.loads(f["header"].tobytes())
         if header.get("format") == "raps3d-packed-cases-v1":
             raise ValueError(f"{path} holds the volumes as their files store them, from before training read them in "
-                             "the model's orientation; pack the data again (python -m raps3d.training.packed --out FILE)")
+                             "the model's orientation; pack the data again "
+                             "(python -m raps3d.training.packed --out FILE)")
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a packed case file ({FORMAT!r} expected)")
         lo, hi = header["hu_range"]
