@@ -237,7 +237,8 @@ def test_a_session_rebuilt_from_a_request_gives_the_mask_of_the_clicks_sent_one_
         steps.append(label)
     assert (steps[2] != steps[1]).sum() > 100 and (steps[1] != steps[0]).sum() > 100
     at_once, reply = _label(server, IMAGE, {**base, "client_id": "all-at-once", "foreground": clicks})
-    assert reply["cache"] == "new_object"
+    assert reply["cache"] == "new_object" and reply["timings"]["model_steps"] == 3
+    assert 0 < reply["timings"]["model_total"] <= reply["timings"]["interact"]
     np.testing.assert_array_equal(at_once, steps[2])
     undone, reply = _label(server, IMAGE, {**base, "client_id": "all-at-once", "undo": True})
     assert reply["cache"] == "undo"

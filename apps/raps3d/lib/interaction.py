@@ -39,6 +39,7 @@ class Outcome:
     result: raps3d.Result | None  # None: the object has no mask (after a reset, or undo back to nothing)
     mode: str  # new_object | edit | repeat | undo | reset
     features_reused: bool  # image features came from the cache (no encoder pass at all)
+    timings: dict | None = None  # the model's seconds per stage, of every step that ran (None: the result's own)
 
 
 def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
@@ -61,13 +62,20 @@ def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, promp
     obj = store.new_object(key, image)
     with obj.lock:
         try:
-            for points, box in replay_steps(prompts):
+            timings: dict = {}
+            steps = replay_steps(prompts)
+            for points, box in steps:
                 result = obj.interact(points=points, box=box)
+                for name, value in result.timings.items():
+                    if isinstance(value, float):
+                        timings[name] = timings.get(name, 0.0) + value  # seconds add up
+                    else:
+                        timings.setdefault(name, value)  # flags: the first step's
         except Exception:
             store.drop_object(key, obj)  # a rejected prompt or a failed step leaves no half-made session behind
             raise
     # Both passes ran; the zoom-out features may have come from another object on the same image.
-    return Outcome(result, "new_object", False)
+    return Outcome(result, "new_object", False, {**timings, "steps": len(steps)})
 
 
 def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Hashable], image: raps3d.ImageState,

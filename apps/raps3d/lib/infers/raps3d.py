@@ -181,7 +181,9 @@ class Raps3DInfer(InferTask):
         """``roi`` and ``box`` in the file's voxel order."""
         result = outcome.result
         status = self.service.expected_status()
-        model_timings = result.timings if result is not None and outcome.mode in ("new_object", "edit") else {}
+        model_timings = {}
+        if result is not None and outcome.mode in ("new_object", "edit"):
+            model_timings = outcome.timings if outcome.timings is not None else result.timings
         rounded = {k: round(v, 4) for k, v in timings.items()}
         return {
             "label_names": {label: LABEL_VALUE},
