@@ -225,7 +225,7 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
     if np.isfinite(lowest) and lowest > LOWEST_HU_AT_MOST:
         reason = (f"{name!r} does not look like CT in Hounsfield units: its lowest value is {lowest:g}, where a CT "
                   f"has air or lung (below {LOWEST_HU_AT_MOST:g} HU). ")
-        share = float(np.count_nonzero(volume == volume.min())) / volume.size
+        share = float(np.count_nonzero(volume == lowest)) / volume.size
         at_top = float(np.count_nonzero(volume == volume.max())) / volume.size
         if share >= CLIPPED_SHARE and (lowest < 0 or at_top >= CLIPPED_TOP_SHARE):
             # MITK uploads the image as its display window shows it: everything below the window's bottom set to it,

@@ -108,8 +108,8 @@ def _inside(c: float, size: int) -> bool:
 
 
 def _to_model(ijk, size_ijk, flips: AxisFlips) -> list[float]:
-    """Positions [i, j, k] of the file, in the model's orientation (i is array axis 2, j 1, k 0)."""
-    return [s - 1 - c if axis in flips.axes else c for c, s, axis in zip(ijk, size_ijk, (2, 1, 0))]
+    """Position [i, j, k] of the file, as [i, j, k] in the model's orientation."""
+    return list(flips.point(ijk[::-1], size_ijk[::-1])[::-1])
 
 
 def _points(params: dict, name: str, positive: bool, size_ijk, flips: AxisFlips) -> list[Point]:
