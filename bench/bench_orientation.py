@@ -1,7 +1,8 @@
 """How much the model depends on the voxel order it is shown: the paper's protocol on held-out CT shown in the model's
-orientation (as the server shows every image, ``raps3d.orientation``) and with one axis reversed (as the server showed
-a file that stores that axis the other way before it flipped volumes: a DICOM series' slices, a NIfTI file's rows and
-columns). Prints mean Dice after the first prompt and after 3 corrective clicks, per dataset and prompt.
+orientation (as the server shows every image, ``raps3d.orientation``), with one axis reversed, and as coronal or
+sagittal slices (as the server showed files stored that way before it reoriented volumes: a DICOM series' slices, a
+NIfTI file's rows and columns, a reformatted series). A box is drawn on the slices shown. Prints mean Dice after the
+first prompt and after 3 corrective clicks, per dataset and prompt.
 
     python bench/bench_orientation.py [--openkbp 8] [--lidc 60] [--model model/raps3d_lite.pt]
 """
@@ -16,16 +17,22 @@ from raps3d.engine import Engine
 from raps3d.training.data import Case, lidc_cases, openkbp_cases
 from raps3d.training.evaluate import evaluate
 
-VIEWS = {"model's orientation": (), "slices reversed": (0,), "rows reversed": (1,), "columns reversed": (2,)}
+# (axis order, axes reversed): the shown array's axis a is the model's axis order[a].
+VIEWS = {"model's orientation": ((0, 1, 2), ()), "slices reversed": ((0, 1, 2), (0,)),
+         "rows reversed": ((0, 1, 2), (1,)), "columns reversed": ((0, 1, 2), (2,)),
+         "coronal slices": ((1, 0, 2), ()), "sagittal slices": ((2, 0, 1), ())}
 
 
-def shown(cases: list[Case], axes: tuple) -> list[Case]:
-    """The cases with ``axes`` of the volume and of every structure reversed."""
-    if not axes:
+def shown(cases: list[Case], order: tuple, axes: tuple) -> list[Case]:
+    """The cases with the axes of the volume and of every structure put in ``order``, then ``axes`` reversed."""
+    if order == (0, 1, 2) and not axes:
         return cases
-    return [Case(c.name, c.dataset, np.ascontiguousarray(np.flip(c.volume, axes)), c.spacing,
-                 {k: np.ascontiguousarray(np.flip(s.full(), axes)) for k, s in c.structures.items()})
-            for c in cases]
+
+    def arrange(array):
+        return np.ascontiguousarray(np.flip(array.transpose(order), axes))
+
+    return [Case(c.name, c.dataset, arrange(c.volume), tuple(c.spacing[a] for a in order),
+                 {k: arrange(s.full()) for k, s in c.structures.items()}) for c in cases]
 
 
 def main() -> None:
@@ -40,8 +47,8 @@ def main() -> None:
         raise SystemExit("no held-out cases found (set RAPS3D_DATA to the data folder)")
     print(f"{'data':8s} {'shown':20s} {'box first':>9s} {'box +3':>7s} {'point first':>11s} {'point +3':>8s}")
     for name, cases in datasets.items():
-        for view, axes in VIEWS.items():
-            rows = evaluate(engine, shown(cases, axes))
+        for view, (order, axes) in VIEWS.items():
+            rows = evaluate(engine, shown(cases, order, axes))
             figures = []
             for prompt in ("box", "point"):
                 dice = np.mean([r["dice"] for r in rows if r["prompt"] == prompt], axis=0)

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from raps3d.checkpoint import load_model
 from raps3d.engine import Engine
-from raps3d.orientation import AxisFlips
+from raps3d.orientation import Reorientation
 from raps3d.predictor import ImageState
 from raps3d.training.data import TOTALSEG_NAMES, data_root
 from raps3d.training.evaluate import EDITS, evaluate_structure
@@ -33,9 +33,9 @@ def read_series_and_reference() -> tuple[np.ndarray, tuple, np.ndarray]:
     ct = reader.Execute()
     labels = sitk.Resample(sitk.ReadImage(str(data_root() / REFERENCE)), ct, sitk.Transform(),
                            sitk.sitkNearestNeighbor, 0)
-    flips = AxisFlips.from_direction(ct.GetDirection())
-    return (flips.volume(sitk.GetArrayFromImage(ct)), ct.GetSpacing()[::-1],
-            flips.volume(sitk.GetArrayFromImage(labels)))
+    orientation = Reorientation.from_direction(ct.GetDirection())
+    return (orientation.volume(sitk.GetArrayFromImage(ct)), orientation.spacing(ct.GetSpacing()[::-1]),
+            orientation.volume(sitk.GetArrayFromImage(labels)))
 
 
 def main() -> None:

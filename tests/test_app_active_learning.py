@@ -67,11 +67,11 @@ def test_the_score_is_one_minus_the_predicted_iou_at_the_automatic_click(server,
         torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
         model = build_model(UNTRAINED_CONFIG)
     details = _image_infos(server)["phantom_01"][f"{SCORING}_details"]
-    volume, geometry, flips = read_for_model(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
-    seed = soft_tissue_seed(volume, geometry.spacing[::-1])
-    assert flips.axes == (0,)
+    volume, geometry, orientation = read_for_model(str(SAMPLE_IMAGES / "phantom_01.nii.gz"))
+    seed = soft_tissue_seed(volume, geometry.model_spacing)
+    assert (orientation.order, orientation.flips) == ((0, 1, 2), (0,))
     assert details["seed_ijk"] == [seed[2], seed[1], volume.shape[0] - 1 - seed[0]]
-    result = InteractiveObject(ImageState(Engine(model), volume, geometry.spacing[::-1])).add_point(seed)
+    result = InteractiveObject(ImageState(Engine(model), volume, geometry.model_spacing)).add_point(seed)
     assert 0.0 < result.iou < 1.0
     assert scores["phantom_01"] == pytest.approx(1.0 - result.iou, abs=1e-4)
 

@@ -73,46 +73,62 @@ def test_compressed_nrrd_and_other_dtypes_hold_the_same_voxels(server):
 
 def test_the_same_ct_stored_in_another_voxel_order_gets_the_same_label(server, tmp_path):
     """The model sees every image in one anatomical orientation: a CT whose file stores its slices, rows or columns
-    the other way round (a DICOM series against a NIfTI export, say) gets the same label, at the same physical
-    voxels, for the same click, box and roi placed on the same anatomy (fractional corners and a roi with two middle
-    slices included: both are rounded in the model's orientation)."""
+    the other way round (a DICOM series against a NIfTI export, say), or as sagittal or coronal slices (a
+    reformatted series), gets the same label, at the same physical voxels, for the same click, box and roi placed on
+    the same anatomy (fractional corners and a roi with two middle slices included: both are rounded in the model's
+    orientation). A 'box' lies on one of the file's slices: on sagittal or coronal slices it is refused."""
     image = sitk.ReadImage(str(server.image_path("phantom_02")))
     size = image.GetSize()
     click, box = [70, 60, 20], {"slice": 20, "corners": [[55.5, 45], [95, 80.5]]}
     roi = [55.5, 95.5, 45, 80.5, 18, 23]  # six slices: two middle ones
 
-    def stored(flip_ijk, point):  # a voxel [i, j, k] of the image, in the flipped copy
-        return [n - 1 - p if f else p for p, n, f in zip(point, size, flip_ijk)]
+    def stored(order, flip_ijk, point):  # a position [i, j, k] of the image, in the stored copy
+        permuted = [point[o] for o in order]
+        return [size[o] - 1 - p if f else p for p, o, f in zip(permuted, order, flip_ijk)]
 
-    def labels(image_id, flip_ijk):
-        out = []
-        low, high = stored(flip_ijk, roi[0::2]), stored(flip_ijk, roi[1::2])
-        for name, params in (("click", {"foreground": [stored(flip_ijk, click)]}),
-                             ("box", {"box": {"slice": stored(flip_ijk, [0, 0, box["slice"]])[2],
-                                              "corners": [stored(flip_ijk, c + [0])[:2] for c in box["corners"]]}}),
-                             ("roi", {"roi": [v for pair in zip(low, high) for v in pair]})):
+    def back(voxels, order, flip_ijk):  # a label [i, j, k] of the copy, in the image's voxel order
+        return np.flip(voxels, [a for a in range(3) if flip_ijk[a]]).transpose(np.argsort(order))
+
+    def labels(image_id, order, flip_ijk):
+        low, high = stored(order, flip_ijk, roi[0::2]), stored(order, flip_ijk, roi[1::2])
+        prompts = {"click": {"foreground": [stored(order, flip_ijk, click)]},
+                   "roi": {"roi": [v for pair in zip(low, high) for v in pair]}}
+        if order == (0, 1, 2):
+            prompts["box"] = {"box": {"slice": stored(order, flip_ijk, [0, 0, box["slice"]])[2],
+                                      "corners": [stored(order, flip_ijk, c + [0])[:2] for c in box["corners"]]}}
+        out = {}
+        for name, params in prompts.items():
             r = server.infer_ok(image_id, {**params, "client_id": f"orientation-{name}", "label": image_id,
                                            "result_extension": ".nrrd", "result_dtype": "uint8",
                                            "result_compress": False}, output="image")
-            voxels = server.nrrd_label(r.content)[0]
-            out.append(np.flip(voxels, [a for a in range(3) if flip_ijk[a]]))  # back to the image's voxel order
+            out[name] = back(server.nrrd_label(r.content)[0], order, flip_ijk)
         return out
 
-    reference = labels("phantom_02", (False, False, False))
-    assert all(100 < r.sum() < r.size / 2 for r in reference), [int(r.sum()) for r in reference]  # partial masks
+    reference = labels("phantom_02", (0, 1, 2), (False, False, False))
+    assert all(100 < r.sum() < r.size / 2 for r in reference.values()), {k: int(r.sum()) for k, r in reference.items()}
     listing = f"{server.url}/datastore/"
-    for flip_ijk in [(False, False, True), (True, True, False), (True, True, True)]:
-        copy = sitk.Flip(image, flip_ijk)  # the same physical voxels, stored in another order
+    sagittal, coronal = (1, 2, 0), (0, 2, 1)  # the copy's axis a is the image's axis order[a]
+    for order, flip_ijk in [((0, 1, 2), (False, False, True)), ((0, 1, 2), (True, True, False)),
+                            ((0, 1, 2), (True, True, True)), (sagittal, (False, True, False)),
+                            (coronal, (True, False, True))]:
+        copy = sitk.Flip(sitk.PermuteAxes(image, order), flip_ijk)  # the same physical voxels, stored otherwise
         assert copy.GetDirection() != image.GetDirection()
         path = tmp_path / "copy.nii.gz"
         sitk.WriteImage(copy, str(path))
-        image_id = "phantom_02_flipped_" + "".join("ijk"[a] for a in range(3) if flip_ijk[a])
+        image_id = f"phantom_02_stored_{''.join(map(str, order))}_{''.join('ijk'[a] for a in range(3) if flip_ijk[a])}"
         r = requests.put(f"{server.url}/datastore/image", params={"image": image_id},
                          files={"file": ("copy.nii.gz", path.read_bytes(), "application/octet-stream")},
                          data={"params": "{}"}, timeout=60)
         assert r.status_code == 200, r.text
         try:
-            for got, want in zip(labels(image_id, flip_ijk), reference):
-                np.testing.assert_array_equal(got, want)
+            got = labels(image_id, order, flip_ijk)
+            for name, label in got.items():
+                np.testing.assert_array_equal(label, reference[name], err_msg=f"{image_id} {name}")
+            if order != (0, 1, 2):
+                assert set(got) == {"click", "roi"}
+                r = server.infer(image_id, {"box": {"slice": 20, "corners": [[10, 10], [30, 30]]}})
+                plane = "sagittal" if order == sagittal else "coronal"
+                assert r.status_code == 400 and f"this image is stored as {plane} slices" in r.json()["detail"], \
+                    r.text
         finally:
             requests.delete(listing, params={"id": image_id}, timeout=60)

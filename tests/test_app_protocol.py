@@ -180,18 +180,18 @@ def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
     from raps3d import Engine, ImageState, InteractiveObject
     from raps3d.modeling import build_model
 
-    volume, geometry, flips = read_for_model(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
-    assert flips.axes == (0,)
-    shape = volume.shape
-    (z, y0, x0), (_, y1, x1) = flips.box((24, 40, 60), (25, 91, 111), shape)
+    volume, geometry, orientation = read_for_model(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+    assert (orientation.order, orientation.flips) == ((0, 1, 2), (0,))
+    shape = geometry.shape_zyx
+    (z, y0, x0), (_, y1, x1) = orientation.box((24, 40, 60), (25, 91, 111), shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(UNTRAINED_SEED)  # the weights the test server runs (it has no checkpoint)
         model = build_model(UNTRAINED_CONFIG)
-    image = ImageState(Engine(model), volume, geometry.spacing[::-1])
-    for params, prompt in (({"foreground": [CLICK]}, lambda o: o.add_point(flips.point(CLICK[::-1], shape))),
+    image = ImageState(Engine(model), volume, geometry.model_spacing)
+    for params, prompt in (({"foreground": [CLICK]}, lambda o: o.add_point(orientation.point(CLICK[::-1], shape))),
                            ({"roi": [60, 110, 40, 90, 24, 24]}, lambda o: o.add_box(z, (y0, x0), (y1 - 1, x1 - 1)))):
         # In the file's voxel order, then (z, y, x) -> [i, j, k]
-        expected = flips.volume(prompt(InteractiveObject(image)).full_mask()).transpose(2, 1, 0)
+        expected = orientation.volume_back(prompt(InteractiveObject(image)).full_mask()).transpose(2, 1, 0)
         assert 1000 < expected.sum() < expected.size / 2, expected.sum()  # a real, partial mask
         label, _ = _label(server, IMAGE, {**params, "label": "liver", "client_id": f"library-{sorted(params)[0]}"})
         assert label.shape == expected.shape

@@ -68,6 +68,27 @@ def test_slicer_roi_becomes_a_2d_box(roi, expected):
     assert box.to_library() == (expected[0], (40, 60), (90, 100))
 
 
+def test_an_roi_on_a_ct_stored_as_sagittal_slices_becomes_a_box_on_the_models_axial_slice():
+    from raps3d import Reorientation
+
+    # Stored as sagittal slices (k runs to the left), rows (j) from head to feet, columns (i) to the back: the
+    # model's slice axis is j, its rows i, its columns k. A Slicer ROI drawn on an axial view is thin along j.
+    sagittal = Reorientation.from_direction((0, 0, 1, 1, 0, 0, 0, -1, 0))
+    size = (128, 48, 160)  # (i, j, k)
+    box = parse_prompts({"roi": [40, 90, 24, 24, 100, 60]}, size, sagittal).box
+    assert box.to_library() == (24, (40, 60), (90, 100)) and box.source == "roi"
+    assert box.as_reply(sagittal, size[::-1]) == {"roi": [40, 90, 24, 24, 60, 100], "source": "roi"}
+    thick = parse_prompts({"roi": [40, 90, 20, 31, 60, 100]}, size, sagittal).box
+    assert (thick.k, thick.source) == (25, "roi_middle_slice")
+    assert parse_prompts({"foreground": [[10, 20, 30]]}, size, sagittal).points == (((20.0, 10.0, 30.0), True),)
+    with pytest.raises(PromptFormatError, match="the roi's slices j 50..60 lie outside the image's 48 slices"):
+        parse_prompts({"roi": [40, 90, 50, 60, 60, 100]}, size, sagittal)
+    with pytest.raises(PromptFormatError, match=r"the box \(k 60..60, i 40..90\) has no area"):
+        parse_prompts({"roi": [40, 90, 20, 31, 60, 60]}, size, sagittal)  # drawn on a sagittal view
+    with pytest.raises(PromptFormatError, match="this image is stored as sagittal slices.*send the box as an 'roi'"):
+        parse_prompts({"box": {"slice": 3, "corners": [[10, 10], [20, 20]]}}, size, sagittal)
+
+
 def test_a_box_poking_out_of_the_slice_is_clipped():
     box = parse_prompts({"box": {"slice": 3, "corners": [[-5, 10], [500, 20]]}}, SIZE).box
     assert (box.i0, box.j0, box.i1, box.j1) == (0, 10, 159, 20)

@@ -5,10 +5,10 @@ from .checkpoint import load_model, save_model
 from .engine import Engine
 from .errors import CheckpointError, ImageError, PromptError, Raps3DError, SessionError
 from .geometry import Box, Frame
-from .orientation import AxisFlips
+from .orientation import Reorientation
 from .predictor import ImageState, InteractiveObject, Prompts, Result, SliceBox, check_volume
 from .sessions import SessionStore
 
-__all__ = ["AxisFlips", "Box", "CheckpointError", "Engine", "Frame", "ImageError", "ImageState", "InteractiveObject",
-           "PromptError", "Prompts", "Raps3DError", "Result", "SessionError", "SessionStore", "SliceBox",
-           "check_volume", "load_model", "save_model"]
+__all__ = ["Box", "CheckpointError", "Engine", "Frame", "ImageError", "ImageState", "InteractiveObject",
+           "PromptError", "Prompts", "Raps3DError", "Reorientation", "Result", "SessionError", "SessionStore",
+           "SliceBox", "check_volume", "load_model", "save_model"]

@@ -3,8 +3,8 @@
 Images are read with SimpleITK, the same ITK reader MONAI's LoadImage uses, so voxel ``[i, j, k]`` of a viewer is
 ``volume[k, j, i]`` here, and the geometry (LPS spacing, origin, direction) is what viewers read from the image.
 SimpleITK's array is already (k, j, i) = (z, y, x) and C-contiguous: no transpose or copy is needed afterwards.
-``read_for_model`` then reverses, into a copy, the axes the file stores against the model's orientation
-(``raps3d.orientation``); what the model sees is no longer ``volume[k, j, i]`` along those axes.
+``read_for_model`` then reorders and reverses axes, into a copy, to give the model's orientation
+(``raps3d.orientation``); what the model sees is then no longer ``volume[k, j, i]``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from raps3d.orientation import AxisFlips
+from raps3d.orientation import Reorientation
 
 from .dicom_series import SeriesError, check_series, functional_group_rescale, series_headers, source_series_folder
 
@@ -62,6 +62,16 @@ class Geometry:
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
         return self.size[::-1]
+
+    @property
+    def orientation(self) -> Reorientation:
+        """From the stored (z, y, x) array into the model's orientation."""
+        return Reorientation.from_direction(self.direction)
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        """Spacing (mm) along the model's (z, y, x) axes."""
+        return self.orientation.spacing(self.spacing[::-1])
 
     @staticmethod
     def of(image: sitk.Image) -> "Geometry":
@@ -201,12 +211,13 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     return volume, Geometry.of(image)
 
 
-def read_for_model(path: str) -> tuple[np.ndarray, Geometry, AxisFlips]:
-    """``read_image``, with the voxels flipped into the model's anatomical orientation (``raps3d.orientation``), and
-    the flips, which map prompts from the file's voxel order and masks back to it."""
+def read_for_model(path: str) -> tuple[np.ndarray, Geometry, Reorientation]:
+    """``read_image``, with the voxels in the model's anatomical orientation (``raps3d.orientation``; their spacing
+    is ``geometry.model_spacing``), and the reorientation, which maps prompts from the file's voxel order and masks
+    back to it."""
     volume, geometry = read_image(path)
-    flips = AxisFlips.from_direction(geometry.direction)
-    return flips.volume(volume), geometry, flips
+    orientation = geometry.orientation
+    return orientation.volume(volume), geometry, orientation
 
 
 def _apply_rescale(volume: np.ndarray, slope: float, intercept: float) -> np.ndarray:

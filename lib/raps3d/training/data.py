@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import Box, box_taps, interpolate_taps
-from ..orientation import AxisFlips
+from ..orientation import Reorientation
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 MIN_STRUCTURE_VOXELS = 20
@@ -121,13 +121,14 @@ class Case:
 
 def read_zyx(path: Path) -> tuple[np.ndarray, tuple]:
     """Voxels (z, y, x) in the model's orientation (``raps3d.orientation``: as the server shows them to the model)
-    and spacing (z, y, x). An image and its label map are flipped alike where they share a direction matrix, as
-    every file here does."""
+    and its spacing (z, y, x). An image and its label map are reoriented alike where they share a direction matrix,
+    as every file here does."""
     import SimpleITK as sitk  # here, so that packed data (training.packed) trains where no image reader is installed
 
     image = sitk.ReadImage(str(path))
-    flips = AxisFlips.from_direction(image.GetDirection())
-    return flips.volume(sitk.GetArrayFromImage(image)), tuple(float(s) for s in reversed(image.GetSpacing()))
+    orientation = Reorientation.from_direction(image.GetDirection())
+    return (orientation.volume(sitk.GetArrayFromImage(image)),
+            orientation.spacing(tuple(float(s) for s in reversed(image.GetSpacing()))))
 
 
 def split_labels(label: np.ndarray, names: dict[int, str], prefix: str = "", at_least: bool = False

@@ -25,7 +25,7 @@ from ..images import GeometryCache, ImageReadError, image_key, read_for_model
 from ..infer_route import UPLOADED_PARAM
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService
-from ..prompts import BoxPrompt, PromptFormatError, PromptSet, parse_prompts
+from ..prompts import PromptFormatError, PromptSet, parse_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Raps3DInfer(InferTask):
         def load():
             volume, geometry, _ = read_for_model(path)
             self.geometries.put(key, geometry)
-            return volume, geometry.spacing[::-1]
+            return volume, geometry.model_spacing
 
         was_open = store.is_open(key)
         state = store.image(key, load)
@@ -137,8 +137,8 @@ class Raps3DInfer(InferTask):
         t_open = time.perf_counter()
         image_key_, state, geometry, was_open = self._open(store, path, request.get(UPLOADED_PARAM) is True)
         # The session's image is in the model's orientation; prompts are mapped there, replies back to the file's.
-        flips = raps3d.AxisFlips.from_direction(geometry.direction)
-        prompts = parse_prompts(request, geometry.size, flips)  # checked before anything changes
+        orientation = geometry.orientation
+        prompts = parse_prompts(request, geometry.size, orientation)  # checked before anything changes
         key = (client, image_key_, label)
 
         t_interact = time.perf_counter()
@@ -163,12 +163,12 @@ class Raps3DInfer(InferTask):
         if result is None:
             label_file = write_label(fmt, None, None, None, geometry, self.result_dir)
         else:
-            roi = raps3d.Box(*flips.box(result.roi.start, result.roi.stop, geometry.shape_zyx))
-            label_file = write_label(fmt, flips.volume(result.mask_roi), roi.start, roi.stop, geometry,
+            roi = raps3d.Box(*orientation.box_back(result.roi.start, result.roi.stop, geometry.shape_zyx))
+            label_file = write_label(fmt, orientation.volume_back(result.mask_roi), roi.start, roi.stop, geometry,
                                      self.result_dir)
         end = time.perf_counter()
 
-        box = prompts.box.flipped(flips, geometry.shape_zyx) if prompts.box is not None else None
+        box = prompts.box.as_reply(orientation, geometry.shape_zyx) if prompts.box is not None else None
         params = self._reply(outcome, roi, box, prompts, label, client, was_open,
                              {"open_image": t_interact - t_open, "interact": t_write - t_interact,
                               "write": end - t_write, "total": end - begin})
@@ -176,7 +176,7 @@ class Raps3DInfer(InferTask):
                     f"total {end - begin:.3f} s")
         return label_file, params
 
-    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, box: BoxPrompt | None,
+    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, box: dict | None,
                prompts: PromptSet, label: str, client: str, was_open: bool, timings: dict) -> dict:
         """``roi`` and ``box`` in the file's voxel order."""
         result = outcome.result
@@ -193,7 +193,7 @@ class Raps3DInfer(InferTask):
             "cache_hit": outcome.features_reused,
             "image_cached": was_open,
             "roi": roi_ijk(roi) if roi is not None else None,
-            "box": box.as_reply() if box is not None else None,
+            "box": box,
             "prompts": {"foreground": sum(1 for _, pos in prompts.points if pos),
                         "background": sum(1 for _, pos in prompts.points if not pos)},
             "predicted_iou": round(result.iou, 4) if result is not None else None,

@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 SCORE_KEY = "raps3d_uncertainty"
 DETAILS_KEY = "raps3d_uncertainty_details"
 # How scores are computed; a stored score of another version is computed again. 2: the image in the model's
-# orientation (``raps3d.orientation``; version 1 showed the model a DICOM series upside down).
-SCORING_VERSION = 2
+# orientation (``raps3d.orientation``; version 1 showed the model a DICOM series upside down); 3: a volume stored as
+# coronal or sagittal slices reordered into it too.
+SCORING_VERSION = 3
 
 
 def _asked(request: dict, key: str) -> bool:
@@ -105,10 +106,9 @@ class Raps3DUncertainty(ScoringMethod):
 
     @staticmethod
     def _score(engine: raps3d.Engine, path: str) -> tuple[float, tuple]:
-        volume, geometry, flips = read_for_model(path)
-        spacing_zyx = geometry.spacing[::-1]
-        image = raps3d.ImageState(engine, volume, spacing_zyx)  # not the viewers' session store: no eviction there
-        seed = soft_tissue_seed(volume, spacing_zyx)
+        volume, geometry, orientation = read_for_model(path)
+        image = raps3d.ImageState(engine, volume, geometry.model_spacing)  # not the viewers' session store
+        seed = soft_tissue_seed(volume, geometry.model_spacing)
         result = raps3d.InteractiveObject(image).interact(points=[(seed, True)])
-        stored_seed = tuple(int(c) for c in flips.point(seed, volume.shape))  # in the file's voxel order
+        stored_seed = tuple(int(c) for c in orientation.point_back(seed, geometry.shape_zyx))  # the file's voxel order
         return round(min(max(1.0 - float(result.iou), 0.0), 1.0), 6), stored_seed

@@ -132,16 +132,16 @@ class Raps3DTrain(TrainTask):
         for item in sorted(datastore.datalist(), key=lambda d: d["image"]):
             name = _image_name(item["image"])
             try:
-                volume, geometry, flips = read_for_model(item["image"])  # as inference sees it
-                check_volume(volume, geometry.spacing[::-1])  # what inference refuses (NaN, one slice) is skipped
-                label = flips.volume(read_label_on_grid(item["label"], geometry))
+                volume, geometry, orientation = read_for_model(item["image"])  # as inference sees it
+                check_volume(volume, geometry.model_spacing)  # what inference refuses (NaN, one slice) is skipped
+                label = orientation.volume(read_label_on_grid(item["label"], geometry))
             except (ImageReadError, ImageError, RuntimeError, OSError) as e:
                 skipped[name] = str(e)
                 logger.warning(f"skipping {name}: {e}")
                 continue
             structures = {f"label_{v}": s for v, s in label_structures(label).items() if s.count >= MIN_VOXELS}
             if structures:
-                cases.append(Case(name, "datastore", compact_volume(volume), geometry.spacing[::-1], structures))
+                cases.append(Case(name, "datastore", compact_volume(volume), geometry.model_spacing, structures))
             else:  # listed, so that an image counted as labelled but never trained on is seen
                 skipped[name] = f"its label holds no structure of at least {MIN_VOXELS} voxels"
             del volume, label  # before the next image is read: one image's full-size arrays at a time
