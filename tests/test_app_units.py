@@ -281,9 +281,10 @@ def test_huge_images_and_headers_naming_data_elsewhere_are_refused_before_readin
     np.testing.assert_array_equal(read_image(str(beside))[0], volume)
 
 
-def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7)) -> np.ndarray:
-    """A multi-frame (enhanced) CT file, one frame per position (LPS, mm), frame n holding -1000 + n HU; returns
-    the frames as stored."""
+def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7), frames=None, intercepts=None) -> np.ndarray:
+    """A multi-frame (enhanced) CT file, one frame per position (LPS, mm), frame n holding -1000 + n HU unless
+    ``frames`` (HU) are given; returns the frames in HU as stored. With ``intercepts`` (one, or one per frame) the
+    frames are stored as unsigned values with that rescale intercept in the functional groups only."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -295,6 +296,8 @@ def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7)) -> np.ndarray:
             setattr(ds, name, value)
         return ds
 
+    if frames is None:
+        frames = (np.arange(len(positions), dtype=np.int16)[:, None, None] - 1000) * np.ones((1, 10, 12), np.int16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -303,16 +306,24 @@ def _enhanced_ct_file(path: Path, positions, spacing=(0.7, 0.7)) -> np.ndarray:
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "enhanced", 1
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.NumberOfFrames, ds.Rows, ds.Columns = len(positions), 10, 12
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(positions), frames.shape[1], frames.shape[2]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.SharedFunctionalGroupsSequence = Sequence([item(
-        PixelMeasuresSequence=Sequence([item(PixelSpacing=list(spacing), SliceThickness=2.0)]),
-        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]))])
-    ds.PerFrameFunctionalGroupsSequence = Sequence([
-        item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[float(v) for v in p])])) for p in positions])
-    frames = (np.arange(len(positions), dtype=np.int16)[:, None, None] - 1000) * np.ones((1, 10, 12), np.int16)
-    ds.PixelData = frames.tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(intercepts is None)
+    shared = item(PixelMeasuresSequence=Sequence([item(PixelSpacing=list(spacing), SliceThickness=2.0)]),
+                  PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]))
+    per_frame = [item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[float(v) for v in p])]))
+                 for p in positions]
+    stored = frames
+    if intercepts is not None:
+        each = np.broadcast_to(np.asarray(intercepts, np.float64), (len(positions),))
+        groups = [shared] if np.ndim(intercepts) == 0 else per_frame
+        for group, intercept in zip(groups, each):
+            group.PixelValueTransformationSequence = Sequence([item(RescaleIntercept=float(intercept),
+                                                                    RescaleSlope=1.0, RescaleType="HU")])
+        stored = (frames - each[:, None, None]).astype(np.uint16)
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = stored.tobytes()
     ds.save_as(str(path), write_like_original=False)
     return frames
 
@@ -349,6 +360,83 @@ def test_the_frames_of_a_multi_frame_ct_get_the_series_checks(tmp_path):
     for path in sorted(sample.glob("*.dcm"))[:2]:
         shutil.copy(path, beside)
     assert read_image(str(beside))[0].shape == (6, 10, 12)
+
+
+def test_a_multi_frame_ct_sent_alone_gets_the_series_checks(tmp_path):
+    shuffled = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in (0, 3, 1, 4, 2, 5)]
+    _enhanced_ct_file(tmp_path / "frames.dcm", shuffled)
+    with pytest.raises(ImageReadError, match="frames of the multi-frame DICOM file are not stored in slice order"):
+        read_image(str(tmp_path / "frames.dcm"))
+    _enhanced_ct_file(tmp_path / "ordered.dcm", [(-5.0, 7.0, 50.0 + 2.0 * n) for n in range(6)])
+    assert read_image(str(tmp_path / "ordered.dcm"))[0].shape == (6, 10, 12)
+
+
+def test_a_functional_group_rescale_is_applied_once_whatever_the_reader_did(tmp_path):
+    positions = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in range(6)]
+    hu = np.full((6, 10, 12), 40, np.int16)
+    hu[:, :3] = -1000  # air in every frame
+    _enhanced_ct_file(tmp_path / "air.dcm", positions, frames=hu, intercepts=-1024.0)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "air.dcm"))[0], hu)
+    # Without air (a soft-tissue reconstruction): the values stay as they are, so the image is refused as not
+    # CT-like; it used to get -1024 a second time (lowest value -1124) and pass as a CT.
+    soft_tissue = np.where(np.arange(12) % 2, 40, -100).astype(np.int16) * np.ones((6, 10, 1), np.int16)
+    _enhanced_ct_file(tmp_path / "no_air.dcm", positions, frames=soft_tissue, intercepts=-1024.0)
+    with pytest.raises(ImageReadError, match="its lowest value is -100,"):
+        read_image(str(tmp_path / "no_air.dcm"))
+    # A rescale that differs between frames: the reader would apply the first frame's to all.
+    _enhanced_ct_file(tmp_path / "mixed.dcm", positions, frames=hu, intercepts=[-1024.0] * 3 + [-2048.0] * 3)
+    with pytest.raises(ImageReadError, match="have different rescale slopes or intercepts"):
+        read_image(str(tmp_path / "mixed.dcm"))
+
+
+def test_a_ct_exported_with_a_larger_segmentation_series_reads_the_ct(tmp_path):
+    import pydicom
+
+    sample = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    folder = tmp_path / "study"
+    shutil.copytree(sample, folder)
+    count = len(list(folder.glob("*.dcm")))
+    # A SEG of two segments over every slice: more frames than the CT has slices.
+    _enhanced_ct_file(folder / "seg.dcm", [(0.0, 0.0, 2.0 * n) for n in range(2 * count)])
+    seg = pydicom.dcmread(folder / "seg.dcm")
+    seg.Modality, seg.SOPClassUID = "SEG", "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.save_as(folder / "seg.dcm")
+    volume, geometry = read_image(str(folder))
+    expected, expected_geometry = read_image(str(sample))
+    np.testing.assert_array_equal(volume, expected)
+    assert geometry == expected_geometry
+
+
+def test_a_malformed_number_of_frames_is_a_clear_error(tmp_path):
+    import pydicom
+
+    sample = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    folder = tmp_path / "series"
+    shutil.copytree(sample, folder)
+    first = sorted(folder.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    ds.NumberOfFrames = 987
+    ds.save_as(first)
+    data = first.read_bytes()
+    assert data.count(b"987 ") == 1
+    first.write_bytes(data.replace(b"987 ", b"abc "))  # pydicom does not write such a value itself
+    with pytest.raises(ImageReadError, match=r"malformed NumberOfFrames \('abc'\)"):
+        read_image(str(folder))
+
+
+def test_a_sheared_grid_is_refused_and_a_crlf_nrrd_header_is_read(tmp_path):
+    volume = np.full((8, 16, 16), -1000, np.int16)
+    sheared = tmp_path / "sheared.nrrd"
+    header = _nrrd_header((16, 16, 8)).replace(b"(0,0,1)", b"(0,0.35,0.94)")  # slices stacked along a tilt
+    sheared.write_bytes(header + volume.tobytes())
+    with pytest.raises(ImageReadError, match="axes that are not perpendicular"):
+        read_image(str(sheared))
+    # Header lines ending in CRLF, and more than the header limit of voxels after it.
+    big = np.full((80, 128, 128), -1000, np.int16)
+    crlf = tmp_path / "crlf.nrrd"
+    crlf.write_bytes(_nrrd_header((128, 128, 80)).replace(b"\n", b"\r\n") + big.tobytes())
+    assert crlf.stat().st_size > 2 * (1 << 20)
+    np.testing.assert_array_equal(read_image(str(crlf))[0], big)
 
 
 def test_of_two_equally_large_series_in_a_folder_the_one_checked_is_the_one_read(tmp_path):

@@ -8,10 +8,12 @@ segmentation would be wrong. Such series, and series of another modality (MR, PE
 message saying why, before anything is segmented.
 
 An enhanced (multi-frame) CT file may keep its rescale to Hounsfield units only in its functional groups, which
-ITK's reader does not apply; ``functional_group_rescale`` finds it so that the caller can.
+ITK's reader applies for some transfer syntaxes and not for others; ``functional_group_rescale`` finds it and
+``stored_value_range`` gives the stored values, so that the caller can tell whether to apply it.
 
-Sources checked: a folder of DICOM files (a local DICOM study), and the folder MONAI Label's DICOMweb datastore
-keeps beside each series it converted to NIfTI (``<SeriesInstanceUID>/`` next to ``<SeriesInstanceUID>.nii.gz``).
+Sources checked: a folder of DICOM files (a local DICOM study), the folder MONAI Label's DICOMweb datastore keeps
+beside each series it converted to NIfTI (``<SeriesInstanceUID>/`` next to ``<SeriesInstanceUID>.nii.gz``), and a
+single (multi-frame) DICOM file.
 """
 
 from __future__ import annotations
@@ -69,18 +71,66 @@ def _read_headers(folder: str, tags: list[str] = _TAGS) -> list:
     return headers
 
 
+def dicom_file_headers(path: str) -> list:
+    """[the header] of a single DICOM file (a multi-frame CT sent alone), so that it is checked as a series; [] for
+    any other file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if not os.path.isfile(path):
+        return []
+    try:
+        return [pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)]
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return []
+
+
+def stored_value_range(header) -> tuple[float, float] | None:
+    """Lowest and highest stored pixel value (before any rescale) of the file ``header`` was read from, where they
+    can be read without a decoder (uncompressed little-endian pixel data); None otherwise."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(header.filename)
+        if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            return None
+        bits, signed = int(ds.BitsAllocated), int(ds.PixelRepresentation) == 1
+        if bits not in (8, 16, 32) or int(ds.get("SamplesPerPixel", 1)) != 1:
+            return None
+        count = frame_count(ds) * int(ds.Rows) * int(ds.Columns)
+        values = np.frombuffer(ds.PixelData, dtype=np.dtype(f"<{'i' if signed else 'u'}{bits // 8}"), count=count)
+    except (AttributeError, TypeError, ValueError, OSError, EOFError, SeriesError):
+        return None
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
+def frame_count(header) -> int:
+    """NumberOfFrames of a file (1 when absent); SeriesError when it is not a whole number."""
+    value = header.get("NumberOfFrames", 1) or 1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SeriesError(f"a DICOM file has a malformed NumberOfFrames ({str(value)[:20]!r})") from None
+
+
 def series_headers(folder: str) -> list:
-    """The headers of the series in ``folder`` that is read as its volume: the one with the most slices (frames of a
-    multi-frame file count), of equally large ones the first by UID (``images`` reads that same series, so what is
-    checked is what is segmented)."""
+    """The headers of the series in ``folder`` that is read as its volume: of the CT series (a study exported with
+    its segmentation holds a SEG series too, which can have more frames than the CT has slices), else of all, the
+    one with the most slices (frames of a multi-frame file count), of equally large ones the first by UID
+    (``images`` reads that same series, so what is checked is what is segmented)."""
     by_series = defaultdict(list)
     for header in _read_headers(folder):
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
 
-    def slices(item) -> int:
-        return sum(int(h.get("NumberOfFrames", 1) or 1) for h in item[1])
+    def is_ct(item) -> bool:
+        return all(str(h.get("Modality", "") or "").strip().upper() == "CT" for h in item[1])
 
-    return max(sorted(by_series.items()), key=slices)[1] if by_series else []
+    def slices(item) -> int:
+        return sum(frame_count(h) for h in item[1])
+
+    candidates = [item for item in sorted(by_series.items()) if is_ct(item)] or sorted(by_series.items())
+    return max(candidates, key=slices)[1] if candidates else []
 
 
 def check_series(headers: list) -> None:
@@ -105,9 +155,9 @@ def check_series(headers: list) -> None:
 
 def functional_group_rescale(headers: list) -> tuple[float, float] | None:
     """(slope, intercept) of a series that is one multi-frame file keeping its rescale only in its functional groups
-    (shared, or the same for every frame); None otherwise (rescale in the main header, none at all, or one that
-    differs between frames)."""
-    if len(headers) != 1 or int(headers[0].get("NumberOfFrames", 1) or 1) < 2:
+    (shared, or the same for every frame); None otherwise (rescale in the main header, or none at all). SeriesError
+    for a rescale that differs between frames: the reader would apply the first frame's to all."""
+    if len(headers) != 1 or frame_count(headers[0]) < 2:
         return None
     header = headers[0]
     if header.get("RescaleIntercept") is not None or header.get("RescaleSlope") is not None:
@@ -120,8 +170,11 @@ def functional_group_rescale(headers: list) -> tuple[float, float] | None:
             try:
                 found.add((float(item.get("RescaleSlope", 1.0)), float(item.get("RescaleIntercept", 0.0))))
             except (TypeError, ValueError):
-                return None
-    return found.pop() if len(found) == 1 else None
+                raise SeriesError("the multi-frame DICOM file has a malformed rescale slope or intercept") from None
+    if len(found) > 1:
+        raise SeriesError("the frames of the multi-frame DICOM file have different rescale slopes or intercepts, "
+                          "which the reader cannot apply frame by frame; convert it to single-frame slices")
+    return found.pop() if found else None
 
 
 def _group_value(groups: list, sequence: str, keyword: str):
@@ -137,7 +190,7 @@ def _file_planes(h) -> list[tuple]:
     """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of each slice of one file, in stored order: one
     for a single-frame file, one per frame of a multi-frame file (from its per-frame functional groups, else its
     shared ones). Slices without position or orientation are left out."""
-    if int(h.get("NumberOfFrames", 1) or 1) == 1:
+    if frame_count(h) == 1:
         planes = [(h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing"))]
     else:
         shared = list(h.get("SharedFunctionalGroupsSequence") or [None])[:1]
@@ -166,6 +219,8 @@ def _check_stack(headers: list) -> None:
                           "several stacks in one series); it is not one volume")
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
+    if not np.linalg.norm(normal) > 1e-6:  # zero or parallel direction cosines (NaN included)
+        raise ValueError("ImageOrientationPatient has no slice normal")
     normal /= np.linalg.norm(normal)
 
     # ITK stacks the frames of a multi-frame file as they are stored (it sorts only files): they must go one way.

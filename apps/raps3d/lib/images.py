@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from raps3d.orientation import Reorientation
 
-from .dicom_series import SeriesError, check_series, functional_group_rescale, series_headers, source_series_folder
+from .dicom_series import (SeriesError, check_series, dicom_file_headers, functional_group_rescale, series_headers,
+                           source_series_folder, stored_value_range)
 
 
 class ImageReadError(ValueError):
@@ -32,6 +33,7 @@ MAX_VOXELS = 512 * 512 * 2048
 # Header keys that name a separate data file (NRRD, MetaImage): such a header could read any file of the server.
 # Headers are read up to their end, which must come within HEADER_LIMIT bytes.
 HEADER_LIMIT = 1 << 20
+_NRRD_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _DETACHED_DATA = re.compile(rb"^\s*(data ?file|ElementDataFile)\s*[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 # A label map numbers its structures 1, 2, ...; more values than this is not an annotation (an image saved as a label,
@@ -47,6 +49,9 @@ CLIPPED_SHARE = 0.05
 # A window starting at 0 or above (a brain window, 0 to 80 HU) is told from a zero background by its top: bone is
 # clipped to it, where an MR or a raw CT has few voxels at exactly its highest value.
 CLIPPED_TOP_SHARE = 0.005
+# Largest deviation of the direction matrix from perpendicular axes (|D^T D - I|): about 0.06 degrees, half a voxel
+# over 512 voxels; files written with rounded direction cosines stay well inside it.
+SHEAR_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -159,11 +164,12 @@ def check_size_and_data_file(path: str, what: str = "an image") -> None:
         with open(path, "rb") as f:
             head = f.read(HEADER_LIMIT + 1)
         nrrd = path.lower().endswith((".nrrd", ".nhdr"))
-        ended = b"\n\n" in head if nrrd else b"ElementDataFile" in head  # NRRD: a blank line; MetaImage: its last key
+        # NRRD: a blank line (line ends LF or CRLF); MetaImage: its last key.
+        ended = _NRRD_HEADER_END.search(head) is not None if nrrd else b"ElementDataFile" in head
         if not ended and len(head) > HEADER_LIMIT:
             raise ImageReadError(f"{os.path.basename(path)!r} has a header longer than {HEADER_LIMIT // 1024} KiB")
         if nrrd:
-            head = head.split(b"\n\n", 1)[0]
+            head = _NRRD_HEADER_END.split(head, 1)[0]
         for match in _DETACHED_DATA.finditer(head):
             target = match.group(2).decode(errors="replace")
             listed = target.upper().startswith("LIST")  # file names follow the header: not checked, refused
@@ -185,15 +191,16 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     refused before their voxels are read."""
     check_size_and_data_file(path)
     folder = source_series_folder(path)
-    rescale = series_uid = None
-    if folder is not None:
-        headers = series_headers(folder)
-        try:
-            check_series(headers)
-        except SeriesError as e:
-            raise ImageReadError(str(e)) from None
+    series_uid = None
+    try:
+        # A series folder (or the one the DICOMweb cache keeps beside a converted file), or one DICOM file.
+        headers = series_headers(folder) if folder is not None else dicom_file_headers(path)
+        check_series(headers)
         rescale = functional_group_rescale(headers)
-        series_uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else None
+    except SeriesError as e:
+        raise ImageReadError(str(e)) from None
+    if folder is not None and headers:
+        series_uid = str(headers[0].get("SeriesInstanceUID", ""))
     try:
         image = _read_sitk(path, series_uid=series_uid)
     except ImageReadError:
@@ -204,8 +211,9 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
            image.GetSize())
     if "complex" in image.GetPixelIDTypeAsString():
         raise ImageReadError(f"unsupported pixel type {image.GetPixelIDTypeAsString()}")
+    _check_perpendicular(image.GetDirection(), os.path.basename(path))
     volume = sitk.GetArrayFromImage(image)
-    if rescale is not None and volume.size and float(volume.min()) > LOWEST_HU_AT_MOST:  # the reader did not apply it
+    if rescale is not None and volume.size and not _reader_rescaled(volume, *rescale, headers[0]):
         volume = _apply_rescale(volume, *rescale)
     _check_hounsfield(volume, os.path.basename(path))
     return volume, Geometry.of(image)
@@ -218,6 +226,30 @@ def read_for_model(path: str) -> tuple[np.ndarray, Geometry, Reorientation]:
     volume, geometry = read_image(path)
     orientation = geometry.orientation
     return orientation.volume(volume), geometry, orientation
+
+
+def _reader_rescaled(volume: np.ndarray, slope: float, intercept: float, header) -> bool:
+    """Whether the reader already applied a multi-frame file's functional-group rescale (it does for some transfer
+    syntaxes, not for others): told from the file's stored values where they can be read, else from whether the
+    values already hold air."""
+    low, high = float(volume.min()), float(volume.max())
+    stored = stored_value_range(header)
+    if stored is not None:
+        if (low, high) == stored:
+            return False
+        rescaled = sorted(v * slope + intercept for v in stored)
+        if max(abs(low - rescaled[0]), abs(high - rescaled[1])) <= abs(slope) / 2 + 1e-6:
+            return True
+    return low <= LOWEST_HU_AT_MOST
+
+
+def _check_perpendicular(direction, name: str) -> None:
+    """A sheared grid (axes not perpendicular: a gantry tilt kept in an NRRD's space directions) is refused: a NIfTI
+    label would be written on a perpendicular grid, on other voxels."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if np.abs(matrix.T @ matrix - np.eye(3)).max() > SHEAR_TOLERANCE:
+        raise ImageReadError(f"{name!r} has axes that are not perpendicular (a sheared grid, as from a gantry tilt): "
+                             "resample it onto a perpendicular grid first")
 
 
 def _apply_rescale(volume: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -303,6 +335,8 @@ def read_geometry(path: str, what: str = "an image") -> Geometry:
         series = series_headers(path) if os.path.isdir(path) else []
         info = _read_sitk(path, header_only=True,
                           series_uid=str(series[0].get("SeriesInstanceUID", "")) if series else None)
+    except SeriesError as e:
+        raise ImageReadError(str(e)) from None
     except RuntimeError as e:
         raise ImageReadError(f"cannot read {os.path.basename(path)!r} as {what}: {_itk_reason(e, path)}") from None
     if isinstance(info, sitk.Image):
