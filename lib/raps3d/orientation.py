@@ -5,7 +5,7 @@ inferior to superior, NIfTI files written in RAS with rows and columns reversed,
 superior to inferior, and a reformatted series as coronal or sagittal slices. The network sees voxels only, and the
 order changes what it sees: on 8 OpenKBP validation patients the first 2D box scored Dice 0.64 in the model's
 orientation, 0.54 with the slices reversed, 0.51 with the rows reversed, and 0.34-0.35 stored as coronal or sagittal
-slices (lung nodules: 0.80, and 0.54-0.57 as coronal or sagittal slices). So every volume is brought into one
+slices (on 60 lung nodules: 0.79, and 0.50-0.52 as coronal or sagittal slices). So every volume is brought into one
 orientation before the model, prompts with it, and masks back; the model's orientation is that of its head-and-neck
 training CT (OpenKBP, the data drawn most):
 
