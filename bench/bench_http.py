@@ -1,18 +1,20 @@
 """Latency of Raps-3D as a viewer sees it: HTTP requests to the real MONAI Label server, on a 512 x 512 x 300 CT.
 
-Each request is timed at the client, as OHIF sends it (``output=image``, raw uint8 NRRD), from sending the request
-to holding the whole label. Cases, median and range over repeats:
+Each request is timed at the client, as OHIF sends it (``output=image``, raw uint8 NRRD, ``Accept-Encoding: gzip``
+as a browser sends it; ``--encoding identity`` for a client that takes no encoding), from sending the request to
+holding the whole decoded label. Cases, median and range over repeats:
 
 - first click on an image never opened before (reads the file, two encoder passes);
 - a new object on an image already open (a different organ clicked: zoom-out features shared, zoom-in encoded);
 - an edit inside the object's region (decoder only);
 
 beside the raw transfer time of a same-size uint8 file from the same server over loopback, measured in the same
-run, which every reply pays whatever the model does. The CT is a real abdominal CT from the data folder
+run, which an unencoded reply pays whatever the model does, and the bytes a reply puts on the wire (with the time
+they would take on a 100 Mbit/s link). The CT is a real abdominal CT from the data folder
 (``RAPS3D_DATA``, default ``../shared/data``) resampled to 512 x 512 x 300 (0.75 x 0.75 x 1.12 mm), written as
 .nii.gz to a temporary folder; clicks go to organs of its reference segmentation.
 
-    python bench/bench_http.py [--repeats 5] [--threads 2] [--model model/raps3d_lite.pt]
+    python bench/bench_http.py [--repeats 5] [--threads 2] [--encoding gzip] [--model model/raps3d_lite.pt]
 
 Without the checkpoint the server runs its untrained fallback of the same ('lite') size: timings only.
 """
@@ -20,6 +22,7 @@ Without the checkpoint the server runs its untrained fallback of the same ('lite
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import signal
@@ -122,17 +125,25 @@ def start_server(studies: Path, work: Path, model: str, threads: int) -> tuple[s
 
 
 OHIF = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
+ENCODING = {"accept": "gzip"}  # the client's Accept-Encoding (--encoding)
+WIRE_BYTES: list[int] = []  # of each label reply
 
 
 def click(url: str, image: str, params: dict, output: str = "image") -> tuple[float, requests.Response]:
     start = time.perf_counter()
     r = requests.post(f"{url}/infer/raps3d", params={"image": image, "output": output},
-                      data={"params": json.dumps({**params, **OHIF})}, timeout=600)
+                      data={"params": json.dumps({**params, **OHIF})}, headers={"Accept-Encoding": ENCODING["accept"]},
+                      timeout=600, stream=True)
+    wire = r.raw.read(decode_content=False)
+    content = gzip.decompress(wire) if r.headers.get("content-encoding") == "gzip" else wire
     elapsed = time.perf_counter() - start
+    r._content = content  # as requests would hold it, decoded
     if r.status_code != 200:
-        sys.exit(f"{r.status_code}: {r.text[:500]}")
-    if output == "image" and len(r.content) < np.prod(SIZE):
-        sys.exit(f"short reply: {len(r.content)} bytes")
+        sys.exit(f"{r.status_code}: {content[:500]}")
+    if output == "image":
+        if len(content) < np.prod(SIZE):
+            sys.exit(f"short reply: {len(content)} bytes")
+        WIRE_BYTES.append(len(wire))
     return elapsed, r
 
 
@@ -161,8 +172,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--encoding", default="gzip", help="the client's Accept-Encoding (identity: none)")
     parser.add_argument("--model", default=str(ROOT / "model" / "raps3d_lite.pt"))
     args = parser.parse_args()
+    ENCODING["accept"] = args.encoding
 
     with tempfile.TemporaryDirectory(prefix="raps3d_bench_") as tmp:
         work = Path(tmp)
@@ -200,8 +213,9 @@ def main() -> None:
 
     transfer_median = statistics.median(transfers)
     trained = "trained checkpoint" if info.get("model_trained") else "UNTRAINED fallback (timings only)"
-    print(f"\nRaps-3D over HTTP (MONAI Label, output=image, raw uint8 NRRD), {SIZE[0]}x{SIZE[1]}x{SIZE[2]} CT, "
-          f"'lite' model ({trained}), {args.threads} torch threads, {args.repeats} repeats")
+    print(f"\nRaps-3D over HTTP (MONAI Label, output=image, raw uint8 NRRD, Accept-Encoding: {args.encoding}), "
+          f"{SIZE[0]}x{SIZE[1]}x{SIZE[2]} CT, 'lite' model ({trained}), {args.threads} torch threads, "
+          f"{args.repeats} repeats")
     print(f"{'case':34s} {'median (min-max)':28s} {'target':22s} met")
     for case, values in times.items():
         fixed, plus_transfer = TARGETS[case]
@@ -209,6 +223,8 @@ def main() -> None:
         target = f"<= {fixed:g} s" + (f" + transfer = {limit:.2f} s" if plus_transfer else "")
         print(f"{case:34s} {stats(values):28s} {target:22s} {'yes' if statistics.median(values) <= limit else 'NO'}")
     print(f"{'raw transfer, same-size uint8 file':34s} {stats(transfers):28s}")
+    wire = statistics.median(WIRE_BYTES)
+    print(f"{'label reply on the wire':34s} {wire / 1e6:7.3f} MB (median; {wire * 8 / 1e8:.2f} s at 100 Mbit/s)")
     for name, reply in (("new object", new_object), ("edit", edit)):
         print(f"server side, {name}: cache {reply['cache']}, cache_hit {reply['cache_hit']}, timings (s) "
               f"{reply['timings']}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import numpy as np
 import pytest
 
@@ -161,6 +164,58 @@ def test_every_output_mode_sends_the_same_label(server, tmp_path):
     voxels = [sitk.GetArrayFromImage(label) for label in labels]
     assert voxels[0].sum() > 0 and set(np.unique(voxels[0])) == {0, 1}
     np.testing.assert_array_equal(voxels[0], voxels[1])
+
+
+def test_a_raw_label_reply_is_gzip_encoded_for_clients_that_accept_it(server):
+    """OHIF asks for a raw NRRD of the whole volume on every click; on the wire it goes gzip-encoded to clients that
+    accept it, and decodes to the same bytes."""
+    import requests
+
+    params = {"foreground": [CLICK], "label": "liver", "client_id": "encoding", "result_extension": ".nrrd",
+              "result_dtype": "uint8", "result_compress": False}
+
+    def post(accept: str, output: str | None):
+        query = {"image": IMAGE, **({"output": output} if output else {})}
+        r = requests.post(f"{server.url}/infer/raps3d", params=query, data={"params": json.dumps(params)},
+                          headers={"Accept-Encoding": accept}, timeout=300, stream=True)
+        wire = r.raw.read(decode_content=False)
+        assert r.status_code == 200, wire[:300]
+        return r.headers, wire
+
+    plain_headers, plain = post("identity", "image")
+    assert "content-encoding" not in plain_headers and len(plain) > 160 * 128 * 48  # header + one byte a voxel
+    for accept in ("gzip, deflate, br", "br;q=1.0, gzip;q=0.8", "*"):  # a browser, a picky client, anything
+        headers, wire = post(accept, "image")
+        assert headers["content-encoding"] == "gzip" and len(wire) < len(plain) / 20, (accept, len(wire))
+        assert headers["content-disposition"].startswith('attachment; filename="raps3d_')
+        assert headers["content-disposition"].endswith('.nrrd"')
+        assert gzip.decompress(wire) == plain
+    headers, wire = post("gzip;q=0, identity", "image")
+    assert "content-encoding" not in headers and wire == plain
+    # MONAI Label's multipart reply (params and label together, as 3D Slicer asks): encoded too.
+    r = server.infer_ok(IMAGE, params, output=None)  # requests accepts gzip and decodes it
+    assert r.headers["content-encoding"] == "gzip"
+    reply, content, _ = server.multipart(r)
+    assert reply["label"] == "liver" and content == plain
+    # An already compressed label goes as it is.
+    compressed = requests.post(f"{server.url}/infer/raps3d", params={"image": IMAGE, "output": "image"},
+                               data={"params": json.dumps({**params, "result_extension": ".nii.gz"})},
+                               headers={"Accept-Encoding": "gzip"}, timeout=300)
+    assert compressed.status_code == 200 and "content-encoding" not in compressed.headers
+
+
+def test_accept_encoding_is_read_as_http_defines_it():
+    import sys
+
+    from conftest import APP_DIR
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.reply_encoding import accepts_gzip
+
+    assert accepts_gzip("gzip") and accepts_gzip("deflate, GZIP;q=0.5") and accepts_gzip("*;q=0.1")
+    assert not accepts_gzip(None) and not accepts_gzip("") and not accepts_gzip("identity")
+    assert not accepts_gzip("gzip;q=0") and not accepts_gzip("gzip;q=zero") and not accepts_gzip("br, deflate")
 
 
 def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):

@@ -267,11 +267,16 @@ def _post_data(browser: Chromium, url_part: str) -> str:
     raise AssertionError(f"no request to {url_part}")
 
 
-def _response_status(browser: Chromium, url_part: str) -> int | None:
+def _response(browser: Chromium, url_part: str) -> dict | None:
     for event in browser.events:
         if event["method"] == "Network.responseReceived" and url_part in event["params"]["response"]["url"]:
-            return event["params"]["response"]["status"]
+            return event["params"]["response"]
     return None
+
+
+def _response_status(browser: Chromium, url_part: str) -> int | None:
+    response = _response(browser, url_part)
+    return response["status"] if response is not None else None
 
 
 def test_ohif_opens_the_study_and_segments_with_raps3d(dicomweb_server, orthanc, chromium):
@@ -344,6 +349,9 @@ def test_ohif_opens_the_study_and_segments_with_raps3d(dicomweb_server, orthanc,
         chromium.pump(2)
         after_png = chromium.screenshot(ARTIFACTS / "ohif_3_segmented.png")
         assert _response_status(chromium, "/infer/raps3d") == 200
+        # The whole-volume raw NRRD came gzip-encoded on the wire, and OHIF read it (the labelmap is checked below).
+        headers = {k.lower(): v for k, v in _response(chromium, "/infer/raps3d")["headers"].items()}
+        assert headers.get("content-encoding") == "gzip", headers
         sent = json.loads(_post_data(chromium, "/infer/raps3d").split('name="params"', 1)[1].split("\r\n\r\n", 1)[1]
                           .split("\r\n--", 1)[0])
         assert sent["result_extension"] == ".nrrd" and sent["background"] == []

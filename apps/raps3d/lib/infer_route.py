@@ -12,7 +12,8 @@ else's DICOM) as that file, and lets ``params`` replace the image; both are refu
 datastore's images and its own uploads (a file, or a session's image: MONAI Label's sessions, as 3D Slicer uses them).
 
 The request handling itself is MONAI Label's (``run_inference``), with the same parameters and roles; a refused
-request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder).
+request's uploaded files are removed at once (MONAI Label would leave them in the temporary folder). The reply is
+gzip-encoded on the wire for clients that accept it (``reply_encoding``).
 """
 
 import json
@@ -20,13 +21,14 @@ import logging
 import os
 from typing import Optional
 
-from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
+from .reply_encoding import encode_reply
 from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ def checked_params(params: str, image: str, uploaded: bool) -> str:
 
 
 def raps3d_infer(
+    request: Request,
     background_tasks: BackgroundTasks,
     model: str,
     image: str = "",
@@ -92,10 +95,11 @@ def raps3d_infer(
         else:
             check_image_id(image, lambda: set(app_instance().datastore().list_images()))
     try:
-        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        response = run_inference(background_tasks, model, image, session_id, params, file, label, output)
     except BaseException:
         remove_uploads(background_tasks)
         raise
+    return encode_reply(response, request.headers.get("accept-encoding"))
 
 
 WHOLE_SLIDE_REFUSAL = "Raps-3D segments CT volumes; whole-slide inference is not offered: use POST /infer/{model}"
