@@ -2,9 +2,9 @@
 
 OHIF asks for the label as a raw NRRD of the whole volume (``result_compress: false``): 79 MB for a 512 x 512 x 300 CT,
 on every click, though it is nearly all zeros. Encoded with gzip at level 1 it is about 0.35 MB and takes about
-0.08 s; a browser (and Python's ``requests``, which 3D Slicer's module uses) decodes it without being asked, so the
-label a client reads is the same byte for byte. Clients that do not send ``Accept-Encoding: gzip`` get the reply as
-before. Labels already compressed (``.nii.gz``, an NRRD with gzip encoding, DICOM SEG) are sent as they are.
+0.08 s; a browser (and Python's ``requests``) decodes it without being asked, so the label a client reads is the same
+byte for byte. Clients that do not send ``Accept-Encoding: gzip`` (Python's ``http.client``, which MONAI Label's
+client library uses for most requests) get the reply as before. Labels already compressed (``.nii.gz``, an NRRD with gzip encoding, DICOM SEG) are sent as they are.
 """
 
 from __future__ import annotations
