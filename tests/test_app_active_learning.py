@@ -148,3 +148,38 @@ def test_strategy_never_hands_out_an_image_with_a_final_label(tmp_path):
     for name in ("phantom_02", "phantom_03"):
         datastore.save_label(name, str(reference / f"{name}_seg.nii.gz"), "final", {})
     assert strategy({"strategy": STRATEGY}, datastore) is None
+
+
+def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(tmp_path):
+    """The strategy keeps its own hand-out times, exact: MONAI Label's record in the datastore is to the second, and
+    a scoring process writing the datastore can undo it. A file removed behind the datastore's back is not handed
+    out."""
+    import shutil
+    import sys
+
+    from monailabel.datastore.local import LocalDatastore
+
+    from conftest import APP_DIR, SAMPLE_IMAGES
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.activelearning.uncertain import MostUncertain
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("phantom_01", "phantom_02", "phantom_03"):
+        shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies / f"{name}.nii.gz")
+    datastore = LocalDatastore(str(studies), auto_reload=False)  # as with the file watcher off
+    for name, score in (("phantom_01", 0.9), ("phantom_02", 0.5), ("phantom_03", 0.1)):
+        datastore.update_image_info(name, {SCORING: score})
+    strategy = MostUncertain(reserve_seconds=600.0)
+    request = {"strategy": STRATEGY}
+    handed = [strategy.next_fetchable(request, datastore)["id"] for _ in range(3)]
+    assert handed == ["phantom_01", "phantom_02", "phantom_03"]  # within a second, nothing in the datastore
+    again = strategy.next_fetchable(request, datastore)
+    assert again["id"] == "phantom_01" and "every candidate was handed out recently" in again["reason"]
+
+    (studies / "phantom_01.nii.gz").unlink()
+    fresh = MostUncertain(reserve_seconds=600.0)
+    assert fresh.next_fetchable(request, datastore)["id"] == "phantom_02"
+    assert "phantom_01" in fresh._set_aside

@@ -585,7 +585,7 @@ def test_a_full_or_read_only_cache_is_not_blamed_on_the_series(error, status, de
 
 
 # -- active learning --------------------------------------------------------------------------------------------------
-def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unreadable_one(tmp_path, monkeypatch):
+def test_scoring_retries_a_passing_failure_remembers_an_unreadable_image_and_survives_a_removed_one(tmp_path, monkeypatch, caplog):
     from monailabel.datastore.local import LocalDatastore
 
     from lib.scoring.uncertainty import DETAILS_KEY, SCORE_KEY, Raps3DUncertainty
@@ -623,6 +623,21 @@ def test_scoring_retries_an_image_after_a_passing_failure_but_remembers_an_unrea
     datastore.update_image_info("phantom_01", {DETAILS_KEY: old})
     third = scoring({}, datastore)
     assert list(third["scored"]) == ["phantom_01"] and third["unchanged"] == ["broken", "phantom_02"]
+    # Nothing changed: a pass (one per hand-out, by default) does not load the model at all.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fourth = Raps3DUncertainty(ModelService(options))({}, datastore)
+    assert fourth["scored"] == {} and fourth["unchanged"] == ["broken", "phantom_01", "phantom_02"]
+    assert "UNTRAINED" not in caplog.text  # the untrained fallback says so loudly whenever it is loaded
+    # An image removed from the datastore while it is scored: the pass goes on with the others.
+    def removed_meanwhile(engine, path):
+        if "phantom_01" in path:
+            datastore.remove_image("phantom_01")
+        return score(engine, path)
+
+    monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(removed_meanwhile))
+    fifth = scoring({"rescore": True}, datastore)
+    assert "removed meanwhile" in fifth["failed"]["phantom_01"] and list(fifth["scored"]) == ["phantom_02"]
 
 
 # -- model service ----------------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.utils import tasks
 
-from lib import datastore_route, dicomweb, infer_route, ohif, session_route, train_route
+from lib import activelearning_route, datastore_route, dicomweb, infer_route, ohif, session_route, train_route
 from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
 from lib.options import AppOptions
@@ -117,8 +118,21 @@ class Raps3DApp(MONAILabelApp):
             return super().next_sample(request)
         result = strategy.next_fetchable(request, self.datastore())
         if result and self._auto_update_scoring:
-            self.async_scoring(None)
+            self.async_scoring(None)  # over DICOMweb the series is now cached, and scorable
         return result
+
+    def async_scoring(self, method, params=None):
+        if self._server_mode and any(t.get("status") == "SUBMITTED" for t in tasks("scoring")):
+            # MONAI Label queues a pass on every hand-out; a queued pass scores whatever changed before it starts,
+            # and each loads the model: one waiting is enough.
+            logger.info("Raps-3D: a scoring pass is already queued")
+            return {}
+        if not self._server_mode and method is None:
+            # In a train process, after a model is published: MONAI Label asks the server for each method's pass,
+            # which answers 429 while another pass runs, and the new model's scores would wait for the next
+            # hand-out. The server's all-methods route queues instead.
+            return self._local_request("/scoring/", params, "Scoring")
+        return super().async_scoring(method, params)
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -128,8 +142,10 @@ class Raps3DApp(MONAILabelApp):
             logger.exception("Raps-3D: could not install the OHIF routes; left to MONAI Label")
         try:
             infer_route.install()  # one user's long request no longer holds up everyone else's
+            activelearning_route.install()  # nor does fetching the next series over DICOMweb
         except Exception:
-            logger.exception("Raps-3D: could not install the threaded infer route; left to MONAI Label")
+            logger.exception("Raps-3D: could not install the threaded infer or next-sample route; left to MONAI "
+                             "Label")
         try:
             datastore_route.install()  # an uploaded label or image stays inside the datastore
             session_route.install()  # and so does an uploaded archive

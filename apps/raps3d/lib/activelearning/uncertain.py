@@ -1,16 +1,18 @@
 """Active learning: the unlabeled image on which the model is least certain.
 
 Reads the scores the scoring method stored in the images' info. Images handed out by this strategy within the last
-``reserve_seconds`` (MONAI Label records each hand-out in the image's info) come after the others, so two
-annotators asking at the same time get different images; when all are out, the one handed out longest ago comes
-first. Images that could not be read are skipped, and so are, for an hour, images that could not be fetched when
+``reserve_seconds`` come after the others, so two annotators asking at the same time get different images; when all
+are out, the one handed out longest ago comes first. MONAI Label records each hand-out in the image's info, to the
+second, and a scoring process writing the datastore at the same moment can undo that record; so the strategy also
+keeps its own hand-out times, exact, in memory. Images that could not be read are skipped, and so are, for an hour, images that could not be fetched when
 handed out (``set_aside``: over DICOMweb, a series that cannot be converted would otherwise come first again on
-every request). With no scores yet (the scoring has not run), the first unlabeled image by name is returned.
+every request), or whose file is gone. With no scores yet (the scoring has not run), the first unlabeled image by name is returned.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from fastapi import HTTPException
@@ -32,6 +34,7 @@ class MostUncertain(Strategy):
                          "while no scores exist")
         self.reserve_seconds = reserve_seconds
         self._set_aside: dict[str, float] = {}  # image id -> when it could not be fetched
+        self._handed_out: dict[str, float] = {}  # image id -> when this strategy last handed it out
 
     def set_aside(self, image_id: str, reason: str) -> None:
         """Skip an image that could not be fetched for the next ``SET_ASIDE_SECONDS`` (kept in memory: a restarted
@@ -55,6 +58,10 @@ class MostUncertain(Strategy):
                     raise
                 self.set_aside(result["id"], str(e.detail))
                 continue
+            if not result["path"] or not os.path.exists(result["path"]):  # removed while the datastore was not told
+                self.set_aside(result["id"], "its file is gone")
+                continue
+            self._handed_out[result["id"]] = time.time()
             return result
         raise HTTPException(status_code=502, detail=f"{MAX_SET_ASIDE_PER_REQUEST} images in a row could not be "
                                                     "fetched; see the server log")
@@ -69,7 +76,8 @@ class MostUncertain(Strategy):
             info = datastore.get_image_info(image_id)
             if (info.get(DETAILS_KEY) or {}).get("error"):
                 continue
-            served = (info.get("strategy") or {}).get(strategy, {}).get("ts", 0)
+            served = max(float((info.get("strategy") or {}).get(strategy, {}).get("ts", 0) or 0),
+                         self._handed_out.get(image_id, 0.0))
             score = info.get(SCORE_KEY)
             score = float(score) if isinstance(score, (int, float)) else None
             recently_served = now - served < self.reserve_seconds

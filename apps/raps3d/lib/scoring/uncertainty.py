@@ -48,8 +48,10 @@ class Raps3DUncertainty(ScoringMethod):
         self.service = service
 
     def __call__(self, request, datastore: Datastore):
-        engine = self.service.engine()
-        weights = self.service.status().weights
+        # The model is loaded only once an image needs scoring: most passes find every score up to date, and on a GPU
+        # each pass runs in its own process beside the server's model.
+        engine = None
+        weights = self.service.expected_status().weights
         rescore = _asked(request, "rescore")
         # Over DICOMweb, only series a viewer has opened (already in the cache) are scored unless asked: scoring
         # at start would otherwise download every CT series of the hospital's server.
@@ -71,6 +73,7 @@ class Raps3DUncertainty(ScoringMethod):
                 summary["failed"][image_id] = f"cannot be fetched: {detail}"
                 continue
             if not path or not os.path.exists(path):
+                summary["failed"][image_id] = "its file is gone"  # removed from the folder meanwhile
                 continue
             file_id = _file_id(path)
             details = datastore.get_image_info(image_id).get(DETAILS_KEY) or {}
@@ -78,6 +81,9 @@ class Raps3DUncertainty(ScoringMethod):
                     and details.get("version") == SCORING_VERSION):
                 summary["unchanged"].append(image_id)
                 continue
+            if engine is None:
+                engine = self.service.engine()
+                weights = self.service.status().weights  # what loaded (the base, should a fine-tuned file fail)
             start = time.perf_counter()
             try:
                 score, seed = self._score(engine, path)
@@ -85,10 +91,10 @@ class Raps3DUncertainty(ScoringMethod):
                 # The file itself is refused: remembered, so the strategy skips it and it is not retried until the
                 # file changes.
                 logger.warning(f"Raps-3D scoring: {image_id}: {e}")
-                datastore.update_image_info(image_id, {SCORE_KEY: None, DETAILS_KEY: {
+                self._store(datastore, image_id, summary, {SCORE_KEY: None, DETAILS_KEY: {
                     "weights": weights, "file": file_id, "version": SCORING_VERSION, "error": str(e),
                     "ts": int(time.time())}})
-                summary["failed"][image_id] = str(e)
+                summary["failed"].setdefault(image_id, str(e))
                 continue
             except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
                 # Not the file's fault (out of memory while the server works on the same GPU, ...): tried again on
@@ -96,13 +102,24 @@ class Raps3DUncertainty(ScoringMethod):
                 logger.exception(f"Raps-3D scoring: {image_id} failed")
                 summary["failed"][image_id] = f"{type(e).__name__}: {e}"
                 continue
-            datastore.update_image_info(image_id, {SCORE_KEY: score, DETAILS_KEY: {
-                "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
-                "ts": int(time.time()),
-                "seconds": round(time.perf_counter() - start, 3)}})
-            summary["scored"][image_id] = score
-            logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
+            if self._store(datastore, image_id, summary, {SCORE_KEY: score, DETAILS_KEY: {
+                    "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
+                    "ts": int(time.time()), "seconds": round(time.perf_counter() - start, 3)}}):
+                summary["scored"][image_id] = score
+                logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
         return summary
+
+    @staticmethod
+    def _store(datastore: Datastore, image_id: str, summary: dict, info: dict) -> bool:
+        """Writes an image's score; an image removed from the datastore while it was scored is listed as failed
+        and the pass goes on."""
+        try:
+            datastore.update_image_info(image_id, info)
+            return True
+        except Exception as e:  # noqa: BLE001 - MONAI Label raises its own exception types for a removed image
+            logger.warning(f"Raps-3D scoring: {image_id}: the score could not be stored: {e}")
+            summary["failed"][image_id] = f"the score could not be stored (removed meanwhile?): {e}"
+            return False
 
     @staticmethod
     def _score(engine: raps3d.Engine, path: str) -> tuple[float, tuple]:
