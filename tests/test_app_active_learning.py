@@ -179,6 +179,18 @@ def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(
     again = strategy.next_fetchable(request, datastore)
     assert again["id"] == "phantom_01" and "every candidate was handed out recently" in again["reason"]
 
+    # MONAI Label's datastore lists images by iterating a dict that an image added meanwhile changes: listed again.
+    listing, failures = datastore.get_unlabeled_images, []
+
+    def changed_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("dictionary changed size during iteration")
+        return listing(*args)
+
+    datastore.get_unlabeled_images = changed_once
+    assert strategy.next_fetchable(request, datastore)["id"] == "phantom_02" and failures
+
     (studies / "phantom_01.nii.gz").unlink()
     fresh = MostUncertain(reserve_seconds=600.0)
     assert fresh.next_fetchable(request, datastore)["id"] == "phantom_02"

@@ -20,7 +20,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from ..dicomweb import http_errors
-from ..scoring.uncertainty import DETAILS_KEY, SCORE_KEY
+from ..scoring.uncertainty import DETAILS_KEY, SCORE_KEY, unlabeled_images
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class MostUncertain(Strategy):
         strategy = request.get("strategy", "")
         now = time.time()
         candidates = []
-        for image_id in datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")):
+        for image_id in unlabeled_images(datastore, request):
             if now - self._set_aside.get(image_id, -SET_ASIDE_SECONDS) < SET_ASIDE_SECONDS:
                 continue
             info = datastore.get_image_info(image_id)

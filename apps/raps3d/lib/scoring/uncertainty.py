@@ -33,6 +33,19 @@ DETAILS_KEY = "raps3d_uncertainty_details"
 SCORING_VERSION = 3
 
 
+def unlabeled_images(datastore: Datastore, request: dict) -> list[str]:
+    """The datastore's unlabeled image ids. MONAI Label's local datastore lists them by iterating its dict, which
+    an image added meanwhile (the folder watcher, an upload) changes under it: listed again then."""
+    for attempt in range(3):
+        try:
+            return datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        except RuntimeError as e:  # "dictionary changed size during iteration"
+            if attempt == 2 or "changed size" not in str(e):
+                raise
+            logger.info(f"the datastore changed while its images were listed ({e}): listed again")
+    return []
+
+
 def _asked(request: dict, key: str) -> bool:
     return str(request.get(key, "false")).lower() in ("1", "true", "yes")
 
@@ -57,7 +70,7 @@ class Raps3DUncertainty(ScoringMethod):
         # at start would otherwise download every CT series of the hospital's server.
         fetch = _asked(request, "fetch")
         is_cached = getattr(datastore, "is_cached", None)
-        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        images = sorted(unlabeled_images(datastore, request))
         summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
         for image_id in images:
             if is_cached is not None and not fetch and not is_cached(image_id):
