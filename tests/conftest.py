@@ -140,6 +140,33 @@ class Server:
                 filename = disposition.split("filename=")[1].strip('"')
         return params, content, filename
 
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Until the server's log holds ``text`` (MONAI Label logs a request as it starts on it)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def info_while(self, request, started: str) -> tuple:
+        """Runs ``request()`` in a thread and, once the log shows ``started``, asks for ``/info/``: (the request's
+        result, when it finished, /info's status code, when /info answered), times from ``time.monotonic``."""
+        import threading
+
+        import requests
+
+        done = {}
+
+        def run():
+            result = request()
+            done.update(result=result, at=time.monotonic())
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        self.wait_for_log(started)
+        r = requests.get(f"{self.url}/info/", timeout=120)
+        info_at = time.monotonic()
+        worker.join(timeout=300)
+        return done.get("result"), done.get("at"), r.status_code, info_at
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

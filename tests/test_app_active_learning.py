@@ -119,41 +119,9 @@ def test_scoring_in_a_subprocess_as_monai_label_runs_it(server, scores):
         assert infos[image_id][SCORING] == pytest.approx(score, abs=1e-5)
 
 
-def test_strategy_never_hands_out_an_image_with_a_final_label(tmp_path):
-    """The most uncertain image is left out once it is labelled, however high its score; with every image
-    labelled there is nothing to hand out."""
-    import shutil
-    import sys
-
-    from monailabel.datastore.local import LocalDatastore
-
-    from conftest import APP_DIR, ROOT, SAMPLE_IMAGES
-
-    if str(APP_DIR) not in sys.path:
-        sys.path.insert(0, str(APP_DIR))
-    from lib.activelearning.uncertain import MostUncertain
-
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    for name in ("phantom_01", "phantom_02", "phantom_03"):
-        shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies / f"{name}.nii.gz")
-    datastore = LocalDatastore(str(studies), auto_reload=False)
-    for name, score in (("phantom_01", 0.9), ("phantom_02", 0.5), ("phantom_03", 0.1)):
-        datastore.update_image_info(name, {SCORING: score})
-    reference = ROOT / "sample-data" / "reference"
-    strategy = MostUncertain(reserve_seconds=0.0)
-    assert strategy({"strategy": STRATEGY}, datastore)["id"] == "phantom_01"
-    datastore.save_label("phantom_01", str(reference / "phantom_01_seg.nii.gz"), "final", {})
-    assert strategy({"strategy": STRATEGY}, datastore)["id"] == "phantom_02"
-    for name in ("phantom_02", "phantom_03"):
-        datastore.save_label(name, str(reference / f"{name}_seg.nii.gz"), "final", {})
-    assert strategy({"strategy": STRATEGY}, datastore) is None
-
-
-def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(tmp_path):
-    """The strategy keeps its own hand-out times, exact: MONAI Label's record in the datastore is to the second, and
-    a scoring process writing the datastore can undo it. A file removed behind the datastore's back is not handed
-    out."""
+def _scored_phantoms(tmp_path):
+    """A local datastore of three phantoms scored 0.9, 0.5 and 0.1 (its file watcher off), its folder, and the
+    strategy class."""
     import shutil
     import sys
 
@@ -169,9 +137,33 @@ def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(
     studies.mkdir()
     for name in ("phantom_01", "phantom_02", "phantom_03"):
         shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies / f"{name}.nii.gz")
-    datastore = LocalDatastore(str(studies), auto_reload=False)  # as with the file watcher off
+    datastore = LocalDatastore(str(studies), auto_reload=False)
     for name, score in (("phantom_01", 0.9), ("phantom_02", 0.5), ("phantom_03", 0.1)):
         datastore.update_image_info(name, {SCORING: score})
+    return datastore, studies, MostUncertain
+
+
+def test_strategy_never_hands_out_an_image_with_a_final_label(tmp_path):
+    """The most uncertain image is left out once it is labelled, however high its score; with every image
+    labelled there is nothing to hand out."""
+    from conftest import ROOT
+
+    datastore, studies, MostUncertain = _scored_phantoms(tmp_path)
+    reference = ROOT / "sample-data" / "reference"
+    strategy = MostUncertain(reserve_seconds=0.0)
+    assert strategy({"strategy": STRATEGY}, datastore)["id"] == "phantom_01"
+    datastore.save_label("phantom_01", str(reference / "phantom_01_seg.nii.gz"), "final", {})
+    assert strategy({"strategy": STRATEGY}, datastore)["id"] == "phantom_02"
+    for name in ("phantom_02", "phantom_03"):
+        datastore.save_label(name, str(reference / f"{name}_seg.nii.gz"), "final", {})
+    assert strategy({"strategy": STRATEGY}, datastore) is None
+
+
+def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(tmp_path):
+    """The strategy keeps its own hand-out times, exact: MONAI Label's record in the datastore is to the second, and
+    a scoring process writing the datastore can undo it. A file removed behind the datastore's back is not handed
+    out."""
+    datastore, studies, MostUncertain = _scored_phantoms(tmp_path)
     strategy = MostUncertain(reserve_seconds=600.0)
     request = {"strategy": STRATEGY}
     handed = [strategy.next_fetchable(request, datastore)["id"] for _ in range(3)]

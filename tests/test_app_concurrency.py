@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
-import requests
 import SimpleITK as sitk
 
 from conftest import running_server
@@ -33,19 +29,7 @@ def big_ct_server(tmp_path_factory):
 
 def test_the_server_answers_while_a_long_infer_request_runs(big_ct_server):
     srv = big_ct_server
-    finished = {}
-
-    def long_request():
-        finished["infer"] = (srv.infer("whole_body", {"foreground": [[300, 230, 300]]}).status_code,
-                             time.monotonic())
-
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    deadline = time.monotonic() + 60  # until the server has started on it (MONAI Label logs the request first)
-    while "Infer Request" not in srv.log.read_text(errors="replace") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    r = requests.get(f"{srv.url}/info/", timeout=120)
-    info_done = time.monotonic()
-    worker.join(timeout=300)
-    assert r.status_code == 200 and finished["infer"][0] == 200, srv.log_tail()
-    assert info_done < finished["infer"][1], "/info waited for the infer request to finish"
+    reply, finished, info_status, info_done = srv.info_while(
+        lambda: srv.infer("whole_body", {"foreground": [[300, 230, 300]]}), "Infer Request")
+    assert info_status == 200 and reply.status_code == 200, srv.log_tail()
+    assert info_done < finished, "/info waited for the infer request to finish"

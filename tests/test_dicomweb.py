@@ -535,31 +535,17 @@ def test_a_final_label_read_back_from_the_server_is_converted_once(orthanc, tmp_
 def test_a_hand_out_that_fetches_its_series_does_not_hold_up_other_requests(orthanc, tmp_path):
     """Over DICOMweb a hand-out fetches and converts the chosen series; meanwhile the server answers other requests
     (MONAI Label's next-sample route did it on the event loop, so every request waited for it)."""
-    import threading
-    import time
-
     from conftest import running_server
 
     env = {"MONAI_LABEL_DICOMWEB_USERNAME": orthanc.auth[0], "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.auth[1],
            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "empty-cache")}
     with running_server(tmp_path, orthanc.dicomweb, tmp_path / "no-checkpoint-here.pt", extra_env=env) as srv:
-        finished = {}
-
-        def hand_out():
-            r = requests.post(f"{srv.url}/activelearning/raps3d_uncertain", json={"client_id": "a"}, timeout=300)
-            finished.update(at=time.monotonic(), status=r.status_code, reply=r.json())
-
-        worker = threading.Thread(target=hand_out)
-        worker.start()
-        deadline = time.monotonic() + 60  # until the server has started on it (MONAI Label logs the request first)
-        while "Active Learning Request" not in srv.log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        r = requests.get(f"{srv.url}/info/", timeout=120)
-        info_done = time.monotonic()
-        worker.join(timeout=300)
-        assert r.status_code == 200 and finished["status"] == 200 and finished["reply"].get("id"), srv.log_tail()
+        reply, finished, info_status, info_done = srv.info_while(
+            lambda: requests.post(f"{srv.url}/activelearning/raps3d_uncertain", json={"client_id": "a"}, timeout=300),
+            "Active Learning Request")  # once the server has started on it
+        assert info_status == 200 and reply.status_code == 200 and reply.json().get("id"), srv.log_tail()
         assert (tmp_path / "empty-cache").is_dir()  # the hand-out fetched its series into the cache
-        assert info_done < finished["at"], "/info waited for the hand-out to fetch its series"
+        assert info_done < finished, "/info waited for the hand-out to fetch its series"
 
 
 def test_active_learning_sets_aside_a_series_that_cannot_be_fetched_and_hands_out_the_next(orthanc, tmp_path,
