@@ -38,16 +38,13 @@ def read_series_and_reference() -> tuple[np.ndarray, tuple, np.ndarray]:
             orientation.volume(sitk.GetArrayFromImage(labels)))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"))
-    args = p.parse_args()
-    if not (data_root() / SERIES).is_dir():
-        raise SystemExit(f"{data_root() / SERIES} not found (set RAPS3D_DATA)")
+def evaluate_unseen(model_path: str, verbose: bool = True) -> dict[str, np.ndarray]:
+    """Mean Dice per prompt ("box", "point") after the first prompt and each edit, over the series' organs."""
     volume, spacing, labels = read_series_and_reference()
-    image = ImageState(Engine(load_model(args.model)[0]), volume, spacing)
+    image = ImageState(Engine(load_model(model_path)[0]), volume, spacing)
     rows = []
-    print(f"{'structure':20s} {'voxels':>8s} {'prompt':6s} " + " ".join(f"{k} edits" for k in range(EDITS + 1)))
+    if verbose:
+        print(f"{'structure':20s} {'voxels':>8s} {'prompt':6s} " + " ".join(f"{k} edits" for k in range(EDITS + 1)))
     for value, name in TOTALSEG_NAMES.items():
         reference = labels == value
         if reference.sum() < 100:  # not in this slab
@@ -55,9 +52,18 @@ def main() -> None:
         for prompt in ("box", "point"):
             dices, _ = evaluate_structure(image, reference, prompt)
             rows.append((prompt, dices))
-            print(f"{name:20s} {int(reference.sum()):8d} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in dices))
-    for prompt in ("box", "point"):
-        mean = np.mean([d for p_, d in rows if p_ == prompt], axis=0)
+            if verbose:
+                print(f"{name:20s} {int(reference.sum()):8d} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in dices))
+    return {prompt: np.mean([d for p_, d in rows if p_ == prompt], axis=0) for prompt in ("box", "point")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"))
+    args = p.parse_args()
+    if not (data_root() / SERIES).is_dir():
+        raise SystemExit(f"{data_root() / SERIES} not found (set RAPS3D_DATA)")
+    for prompt, mean in evaluate_unseen(args.model).items():
         print(f"{'mean':20s} {'':8s} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in mean))
 
 
