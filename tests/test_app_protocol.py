@@ -216,6 +216,7 @@ def test_accept_encoding_is_read_as_http_defines_it():
     assert accepts_gzip("gzip") and accepts_gzip("deflate, GZIP;q=0.5") and accepts_gzip("*;q=0.1")
     assert not accepts_gzip(None) and not accepts_gzip("") and not accepts_gzip("identity")
     assert not accepts_gzip("gzip;q=0") and not accepts_gzip("gzip;q=zero") and not accepts_gzip("br, deflate")
+    assert not accepts_gzip("gzip;q=0, *") and not accepts_gzip("*;q=0")  # named gzip decides over *
 
 
 def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):

@@ -89,6 +89,18 @@ def test_an_roi_on_a_ct_stored_as_sagittal_slices_becomes_a_box_on_the_models_ax
         parse_prompts({"box": {"slice": 3, "corners": [[10, 10], [20, 20]]}}, size, sagittal)
 
 
+def test_a_box_on_an_axial_ct_with_rows_and_columns_swapped_is_taken_on_its_slice():
+    from raps3d import Reorientation
+
+    # A decubitus scan: axial slices (k towards the head), rows (i) towards the back, columns (j) to the right.
+    decubitus = Reorientation.from_direction((0, -1, 0, 1, 0, 0, 0, 0, 1))
+    size = (100, 80, 30)  # (i, j, k)
+    box = parse_prompts({"box": {"slice": 10, "corners": [[20, 30], [40, 50]]}}, size, decubitus).box
+    # Model slice 29 - 10, rows from i, columns from j reversed (79 - 50 .. 79 - 30).
+    assert box.to_library() == (19, (20, 29), (40, 49)) and box.source == "box"
+    assert box.as_reply(decubitus, size[::-1]) == {"slice": 10, "corners": [[20, 30], [40, 50]], "source": "box"}
+
+
 def test_a_box_poking_out_of_the_slice_is_clipped():
     box = parse_prompts({"box": {"slice": 3, "corners": [[-5, 10], [500, 20]]}}, SIZE).box
     assert (box.i0, box.j0, box.i1, box.j1) == (0, 10, 159, 20)
@@ -261,10 +273,11 @@ def test_huge_images_and_headers_naming_data_elsewhere_are_refused_before_readin
         read_image(str(bomb))
     # A header whose data is some other file of the server (any file it can read would become an image).
     for target in ("/dev/zero", "../secret.raw", "LIST"):
-        detached = tmp_path / "detached.nhdr"
-        detached.write_bytes(_nrrd_header((64, 64, 8), target))
-        with pytest.raises(ImageReadError, match="names a data file outside its folder"):
-            read_image(str(detached))
+        for line_end in (b"\n", b"\r\n", b"\r"):  # ITK's reader ends a line at any of them
+            detached = tmp_path / "detached.nhdr"
+            detached.write_bytes(_nrrd_header((64, 64, 8), target).replace(b"\n", line_end))
+            with pytest.raises(ImageReadError, match="names a data file outside its folder"):
+                read_image(str(detached))
     # Comments that push the data file beyond what is scanned are no way round; nor is a label instead of an image.
     padded = tmp_path / "padded.nhdr"
     header = _nrrd_header((64, 64, 8), "../secret.raw")
@@ -638,6 +651,27 @@ def test_scoring_retries_a_passing_failure_remembers_an_unreadable_image_and_sur
     monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(removed_meanwhile))
     fifth = scoring({"rescore": True}, datastore)
     assert "removed meanwhile" in fifth["failed"]["phantom_01"] and list(fifth["scored"]) == ["phantom_02"]
+
+
+def test_scoring_with_a_broken_fine_tuned_file_keeps_the_scores_of_the_base_that_serves(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.scoring.uncertainty import DETAILS_KEY, Raps3DUncertainty
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_IMAGES / "phantom_01.nii.gz", studies)
+    base, tuned = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    torch.manual_seed(1)
+    raps3d.save_model(raps3d.modeling.build_model("lite"), base)
+    tuned.write_bytes(b"a fine-tuned file that does not load")
+    datastore = LocalDatastore(str(studies))
+    options = AppOptions(model_path=base, trained_model_path=tuned, device="cpu")
+    first = Raps3DUncertainty(ModelService(options))({}, datastore)  # each pass a fresh process, as MONAI Label runs it
+    assert list(first["scored"]) == ["phantom_01"]
+    assert datastore.get_image_info("phantom_01")[DETAILS_KEY]["weights"].startswith("base.pt:")
+    second = Raps3DUncertainty(ModelService(options))({}, datastore)
+    assert second["scored"] == {} and second["unchanged"] == ["phantom_01"]
 
 
 # -- model service ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ NIFTI_RAS = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
 SAGITTAL = (0, 0, 1, 1, 0, 0, 0, -1, 0)
 # Coronal slices (k runs towards the back), rows from head to feet (j), columns towards the left (i).
 CORONAL = (1, 0, 0, 0, 0, 1, 0, -1, 0)
+# A decubitus scan: axial slices (k towards the head) whose rows run towards the back (i) and columns to the right (j).
+DECUBITUS = (0, -1, 0, 1, 0, 0, 0, 0, 1)
 
 
 @pytest.mark.parametrize("direction,order,flips", [
@@ -23,11 +25,13 @@ CORONAL = (1, 0, 0, 0, 0, 1, 0, -1, 0)
     # Model z (head to feet) is the stored rows (axis 1), y (to the back) the columns (2), x (to the left) the slices.
     (SAGITTAL, (1, 2, 0), ()),
     # Model y (to the back) is the stored slices (axis 0), z the rows.
-    (CORONAL, (1, 0, 2), ())])
+    (CORONAL, (1, 0, 2), ()),
+    # Still axial slices, rows and columns swapped.
+    (DECUBITUS, (0, 2, 1), (0, 2))])
 def test_the_reorientation_follows_the_direction_matrix(direction, order, flips):
     orientation = Reorientation.from_direction(direction)
     assert (orientation.order, orientation.flips) == (order, flips)
-    assert orientation.reorders == (order != (0, 1, 2))
+    assert orientation.keeps_slices == (order[0] == 0)
 
 
 def test_an_oblique_axis_goes_by_the_physical_axis_it_mostly_follows():

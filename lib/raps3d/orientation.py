@@ -65,9 +65,9 @@ class Reorientation:
         return self.order != IDENTITY or bool(self.flips)
 
     @property
-    def reorders(self) -> bool:
-        """Whether the stored slices are not the model's (a volume stored as coronal or sagittal slices)."""
-        return self.order != IDENTITY
+    def keeps_slices(self) -> bool:
+        """Whether the stored slices are the model's (axial) slices, whatever happens within them."""
+        return self.order[0] == 0
 
     def shape(self, stored_shape: Sequence[int]) -> tuple[int, int, int]:
         return tuple(int(stored_shape[s]) for s in self.order)

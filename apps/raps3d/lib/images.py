@@ -33,7 +33,6 @@ MAX_VOXELS = 512 * 512 * 2048
 # Header keys that name a separate data file (NRRD, MetaImage): such a header could read any file of the server.
 # Headers are read up to their end, which must come within HEADER_LIMIT bytes.
 HEADER_LIMIT = 1 << 20
-_NRRD_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _DETACHED_DATA = re.compile(rb"^\s*(data ?file|ElementDataFile)\s*[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 # A label map numbers its structures 1, 2, ...; more values than this is not an annotation (an image saved as a label,
@@ -162,14 +161,16 @@ def check_size_and_data_file(path: str, what: str = "an image") -> None:
         return  # a DICOM series: as large as its files
     if path.lower().endswith((".nrrd", ".nhdr", ".mhd", ".mha")):
         with open(path, "rb") as f:
-            head = f.read(HEADER_LIMIT + 1)
+            raw = f.read(HEADER_LIMIT + 1)
+        # ITK's readers end a line at LF, CRLF or a lone CR: all read here as LF, or a key on a line of its own
+        # would escape the check below.
+        head = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         nrrd = path.lower().endswith((".nrrd", ".nhdr"))
-        # NRRD: a blank line (line ends LF or CRLF); MetaImage: its last key.
-        ended = _NRRD_HEADER_END.search(head) is not None if nrrd else b"ElementDataFile" in head
-        if not ended and len(head) > HEADER_LIMIT:
+        ended = b"\n\n" in head if nrrd else b"ElementDataFile" in head  # NRRD: a blank line; MetaImage: its last key
+        if not ended and len(raw) > HEADER_LIMIT:
             raise ImageReadError(f"{os.path.basename(path)!r} has a header longer than {HEADER_LIMIT // 1024} KiB")
         if nrrd:
-            head = _NRRD_HEADER_END.split(head, 1)[0]
+            head = head.split(b"\n\n", 1)[0]
         for match in _DETACHED_DATA.finditer(head):
             target = match.group(2).decode(errors="replace")
             listed = target.upper().startswith("LIST")  # file names follow the header: not checked, refused

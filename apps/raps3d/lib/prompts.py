@@ -39,7 +39,7 @@ Point = tuple[tuple[float, float, float], bool]  # ((z, y, x), positive)
 @dataclass(frozen=True)
 class BoxPrompt:
     """A 2D box on slice k with inclusive corners (i0, j0)..(i1, j1), already sorted and clipped to the image (in
-    the model's orientation; ``flipped`` gives it in the file's)."""
+    the model's orientation; ``as_reply`` gives it in the file's)."""
 
     k: int
     i0: int
@@ -61,7 +61,7 @@ class BoxPrompt:
         start, stop = orientation.box_back((self.k, self.j0, self.i0), (self.k + 1, self.j1 + 1, self.i1 + 1),
                                            stored_shape)
         (k0, j0, i0), (k1, j1, i1) = start, [c - 1 for c in stop]
-        if orientation.reorders:
+        if not orientation.keeps_slices:
             return {"roi": [i0, i1, j0, j1, k0, k1], "source": self.source}
         return {"slice": k0, "corners": [[i0, j0], [i1, j1]], "source": self.source}
 
@@ -180,7 +180,7 @@ def _box(params: dict, size_ijk, orientation: Reorientation) -> BoxPrompt | None
         nk = size_ijk[2]
         if not _inside(k, nk):
             raise PromptFormatError(f"the box's slice k = {k:g} lies outside the image's {nk} slices")
-        if orientation.reorders:
+        if not orientation.keeps_slices:
             plane = "coronal" if orientation.order.index(0) == 1 else "sagittal"
             raise PromptFormatError(f"this image is stored as {plane} slices, and the model takes boxes on axial "
                                     "slices only: send the box as an 'roi' [i_min, i_max, j_min, j_max, k_min, "

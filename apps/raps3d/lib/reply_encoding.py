@@ -20,11 +20,11 @@ _NRRD_HEADER_BYTES = 4096
 
 
 def accepts_gzip(accept_encoding: str | None) -> bool:
-    """Whether an ``Accept-Encoding`` header accepts gzip (named, or ``*``, with a quality above 0)."""
+    """Whether an ``Accept-Encoding`` header accepts gzip: named with a quality above 0, or not named and ``*``
+    accepted (an explicit ``gzip;q=0`` refuses it whatever ``*`` says)."""
+    qualities = {}
     for part in (accept_encoding or "").split(","):
         name, *params = [p.strip() for p in part.split(";")]
-        if name.lower() not in ("gzip", "x-gzip", "*"):
-            continue
         quality = 1.0
         for param in params:
             key, _, value = param.partition("=")
@@ -33,9 +33,11 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
-        if quality > 0:
-            return True
-    return False
+        qualities[name.lower()] = quality
+    named = [qualities[n] for n in ("gzip", "x-gzip") if n in qualities]
+    if named:
+        return max(named) > 0
+    return qualities.get("*", 0.0) > 0
 
 
 def _uncompressed_label(path: str) -> bool:

@@ -90,13 +90,17 @@ class Raps3DUncertainty(ScoringMethod):
                 continue
             file_id = _file_id(path)
             details = datastore.get_image_info(image_id).get(DETAILS_KEY) or {}
-            if (not rescore and details.get("weights") == weights and details.get("file") == file_id
-                    and details.get("version") == SCORING_VERSION):
-                summary["unchanged"].append(image_id)
-                continue
-            if engine is None:
+
+            def unchanged() -> bool:
+                return (not rescore and details.get("weights") == weights and details.get("file") == file_id
+                        and details.get("version") == SCORING_VERSION)
+
+            if not unchanged() and engine is None:
                 engine = self.service.engine()
                 weights = self.service.status().weights  # what loaded (the base, should a fine-tuned file fail)
+            if unchanged():
+                summary["unchanged"].append(image_id)
+                continue
             start = time.perf_counter()
             try:
                 score, seed = self._score(engine, path)
