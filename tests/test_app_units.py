@@ -83,7 +83,8 @@ def test_an_roi_on_a_ct_stored_as_sagittal_slices_becomes_a_box_on_the_models_ax
     assert parse_prompts({"foreground": [[10, 20, 30]]}, size, sagittal).points == (((20.0, 10.0, 30.0), True),)
     with pytest.raises(PromptFormatError, match="the roi's slices j 50..60 lie outside the image's 48 slices"):
         parse_prompts({"roi": [40, 90, 50, 60, 60, 100]}, size, sagittal)
-    with pytest.raises(PromptFormatError, match=r"the box \(k 60..60, i 40..90\) has no area"):
+    with pytest.raises(PromptFormatError, match=r"the box \(k 60..60, i 40..90\) has no area.*spans j 20..31 but "
+                                                r"is flat within the axial plane.*draw it on an axial view"):
         parse_prompts({"roi": [40, 90, 20, 31, 60, 60]}, size, sagittal)  # drawn on a sagittal view
     with pytest.raises(PromptFormatError, match="this image is stored as sagittal slices.*send the box as an 'roi'"):
         parse_prompts({"box": {"slice": 3, "corners": [[10, 10], [20, 20]]}}, size, sagittal)

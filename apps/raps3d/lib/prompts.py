@@ -156,7 +156,12 @@ def _model_box(ranges_ijk, size_ijk, orientation: Reorientation, source: str) ->
     i0, i1 = _voxel(max(mx0, 0)), _voxel(min(mx1, nx - 1))
     j0, j1 = _voxel(max(my0, 0)), _voxel(min(my1, ny - 1))
     if i1 <= i0 or j1 <= j0:
-        raise PromptFormatError(f"the box ({in_plane}) has no area; draw a box at least two voxels wide and high")
+        hint = ""
+        if k1 > k0:  # thick across the model's slices, flat within them: drawn on a coronal or sagittal view
+            hint = (f" (this roi spans {names[0]} {z0:g}..{z1:g} but is flat within the axial plane, as one drawn "
+                    "on a coronal or sagittal view: draw it on an axial view)")
+        raise PromptFormatError(f"the box ({in_plane}) has no area; draw a box at least two voxels wide and high"
+                                + hint)
     if k0 == k1:
         return BoxPrompt(int(k0), int(i0), int(j0), int(i1), int(j1), source)
     return BoxPrompt(int((k0 + k1) // 2), int(i0), int(j0), int(i1), int(j1), "roi_middle_slice")
