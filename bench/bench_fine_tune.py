@@ -105,10 +105,11 @@ def main() -> None:
           f"freeze_image_encoder {args.freeze}, {args.threads} torch threads: {wall:.0f} s "
           f"(status {status}; the run's validation Dice {stats.get('baseline_dice')} -> {stats.get('val_dice')}, "
           f"skipped {stats.get('skipped_images')})")
-    print("Unseen abdominal DICOM series, six organs, mean Dice: first prompt -> 1, 2, 3 edits")
-    for prompt in ("box", "point"):
-        for name, figures in (("shipped", before), ("fine-tuned", after)):
-            print(f"{prompt:6s} {name:11s} " + " ".join(f"{d:6.3f}" for d in figures[prompt]))
+    print("Unseen abdominal DICOM series, Dice after the first prompt and after 3 edits (shipped -> fine-tuned)")
+    print(f"{'organ':20s} {'box first':>17s} {'box +3':>15s} {'point first':>17s} {'point +3':>15s}")
+    for organ in before["box"]:
+        cells = [f"{before[p][organ][i]:.3f} -> {after[p][organ][i]:.3f}" for p in ("box", "point") for i in (0, -1)]
+        print(f"{organ:20s} " + " ".join(f"{c:>16s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ def read_series_and_reference() -> tuple[np.ndarray, tuple, np.ndarray]:
             orientation.volume(sitk.GetArrayFromImage(labels)))
 
 
-def evaluate_unseen(model_path: str, verbose: bool = True) -> dict[str, np.ndarray]:
-    """Mean Dice per prompt ("box", "point") after the first prompt and each edit, over the series' organs."""
+def evaluate_unseen(model_path: str, verbose: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Dice after the first prompt and each edit, per prompt ("box", "point") and organ, with the organs' mean under
+    "mean"."""
     volume, spacing, labels = read_series_and_reference()
     image = ImageState(Engine(load_model(model_path)[0]), volume, spacing)
-    rows = []
+    figures = {"box": {}, "point": {}}
     if verbose:
         print(f"{'structure':20s} {'voxels':>8s} {'prompt':6s} " + " ".join(f"{k} edits" for k in range(EDITS + 1)))
     for value, name in TOTALSEG_NAMES.items():
@@ -51,10 +52,12 @@ def evaluate_unseen(model_path: str, verbose: bool = True) -> dict[str, np.ndarr
             continue
         for prompt in ("box", "point"):
             dices, _ = evaluate_structure(image, reference, prompt)
-            rows.append((prompt, dices))
+            figures[prompt][name] = np.asarray(dices)
             if verbose:
                 print(f"{name:20s} {int(reference.sum()):8d} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in dices))
-    return {prompt: np.mean([d for p_, d in rows if p_ == prompt], axis=0) for prompt in ("box", "point")}
+    for per_organ in figures.values():
+        per_organ["mean"] = np.mean(list(per_organ.values()), axis=0)
+    return figures
 
 
 def main() -> None:
@@ -63,8 +66,8 @@ def main() -> None:
     args = p.parse_args()
     if not (data_root() / SERIES).is_dir():
         raise SystemExit(f"{data_root() / SERIES} not found (set RAPS3D_DATA)")
-    for prompt, mean in evaluate_unseen(args.model).items():
-        print(f"{'mean':20s} {'':8s} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in mean))
+    for prompt, per_organ in evaluate_unseen(args.model).items():
+        print(f"{'mean':20s} {'':8s} {prompt:6s} " + " ".join(f"{d:7.3f}" for d in per_organ["mean"]))
 
 
 if __name__ == "__main__":
