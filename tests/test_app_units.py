@@ -438,6 +438,24 @@ def test_a_malformed_number_of_frames_is_a_clear_error(tmp_path):
         read_image(str(folder))
 
 
+def test_a_series_whose_slices_lack_positions_is_refused(tmp_path):
+    import pydicom
+
+    sample = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    for name, unplaced in (("none", None), ("one", 1)):  # the reader would stack them 1 mm apart, or around a gap
+        folder = tmp_path / name
+        shutil.copytree(sample, folder)
+        files = sorted(folder.glob("*.dcm"))
+        for path in files[:unplaced] if unplaced else files:
+            ds = pydicom.dcmread(path)
+            del ds.ImagePositionPatient
+            ds.save_as(path)
+        count = unplaced or len(files)
+        with pytest.raises(ImageReadError, match=f"{count} of the {len(files)} slices of the DICOM series have no "
+                                                 "Image Position"):
+            read_image(str(folder))
+
+
 def test_a_sheared_grid_is_refused_and_a_crlf_nrrd_header_is_read(tmp_path):
     volume = np.full((8, 16, 16), -1000, np.int16)
     sheared = tmp_path / "sheared.nrrd"

@@ -136,8 +136,8 @@ def series_headers(folder: str) -> list:
 def check_series(headers: list) -> None:
     """Raises SeriesError when the series of ``headers`` is not CT (by its Modality) or would be a distorted
     volume: slices of different orientations, gantry tilt (sheared stack), several slices at one position, uneven
-    slice gaps, or position tags that cannot be read. The frames of a multi-frame file count as its slices; a
-    series without position information is not checked for geometry."""
+    slice gaps, slices without position tags, or position tags that cannot be read. The frames of a multi-frame
+    file count as its slices."""
     if not headers:
         return
     modalities = {str(h.get("Modality", "") or "").strip().upper() for h in headers} - {""}
@@ -208,6 +208,11 @@ def _check_stack(headers: list) -> None:
     # Frames of a multi-frame file are checked like the files of a series: ITK stacks them the same way.
     per_file = [_file_planes(h) for h in headers]
     slices = [plane for planes in per_file for plane in planes]
+    total = sum(frame_count(h) for h in headers)
+    if total >= 2 and len(slices) < total:
+        # The reader would stack them 1 mm apart (or around the unplaced ones): a volume of the wrong size.
+        raise SeriesError(f"{total - len(slices)} of the {total} slices of the DICOM series have no Image Position "
+                          "or Orientation (Patient): they cannot be placed in space")
     if len(slices) < 2:
         return
 
