@@ -617,7 +617,9 @@ def test_a_full_or_read_only_cache_is_not_blamed_on_the_series(error, status, de
 
 
 # -- active learning --------------------------------------------------------------------------------------------------
-def test_scoring_retries_a_passing_failure_remembers_an_unreadable_image_and_survives_a_removed_one(tmp_path, monkeypatch, caplog):
+def test_scoring_retries_a_passing_failure_remembers_an_unreadable_image_and_survives_a_removed_one(tmp_path,
+                                                                                                   monkeypatch,
+                                                                                                   caplog):
     from monailabel.datastore.local import LocalDatastore
 
     from lib.scoring.uncertainty import DETAILS_KEY, SCORE_KEY, Raps3DUncertainty

@@ -4,7 +4,8 @@ OHIF asks for the label as a raw NRRD of the whole volume (``result_compress: fa
 on every click, though it is nearly all zeros. Encoded with gzip at level 1 it is about 0.35 MB and takes about
 0.08 s; a browser (and Python's ``requests``) decodes it without being asked, so the label a client reads is the same
 byte for byte. Clients that do not send ``Accept-Encoding: gzip`` (Python's ``http.client``, which MONAI Label's
-client library uses for most requests) get the reply as before. Labels already compressed (``.nii.gz``, an NRRD with gzip encoding, DICOM SEG) are sent as they are.
+client library uses for most requests) get the reply as before. Labels already compressed (``.nii.gz``, an NRRD with
+gzip encoding, DICOM SEG) are sent as they are.
 """
 
 from __future__ import annotations

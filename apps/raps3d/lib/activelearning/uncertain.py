@@ -4,9 +4,10 @@ Reads the scores the scoring method stored in the images' info. Images handed ou
 ``reserve_seconds`` come after the others, so two annotators asking at the same time get different images; when all
 are out, the one handed out longest ago comes first. MONAI Label records each hand-out in the image's info, to the
 second, and a scoring process writing the datastore at the same moment can undo that record; so the strategy also
-keeps its own hand-out times, exact, in memory. Images that could not be read are skipped, and so are, for an hour, images that could not be fetched when
-handed out (``set_aside``: over DICOMweb, a series that cannot be converted would otherwise come first again on
-every request), or whose file is gone. With no scores yet (the scoring has not run), the first unlabeled image by name is returned.
+keeps its own hand-out times, exact, in memory. Images that could not be read are skipped, and so are, for an hour,
+images that could not be fetched when handed out (``set_aside``: over DICOMweb, a series that cannot be converted
+would otherwise come first again on every request) or whose file is gone. With no scores yet (the scoring has not
+run), the first unlabeled image by name is returned.
 """
 
 from __future__ import annotations

@@ -46,6 +46,12 @@ def unlabeled_images(datastore: Datastore, request: dict) -> list[str]:
     return []
 
 
+def _up_to_date(details: dict, weights: str, file_id: str, rescore: bool) -> bool:
+    """Whether a stored score is of these weights, this file and this way of scoring (and no rescore is asked)."""
+    return (not rescore and details.get("weights") == weights and details.get("file") == file_id
+            and details.get("version") == SCORING_VERSION)
+
+
 def _asked(request: dict, key: str) -> bool:
     return str(request.get(key, "false")).lower() in ("1", "true", "yes")
 
@@ -90,15 +96,10 @@ class Raps3DUncertainty(ScoringMethod):
                 continue
             file_id = _file_id(path)
             details = datastore.get_image_info(image_id).get(DETAILS_KEY) or {}
-
-            def unchanged() -> bool:
-                return (not rescore and details.get("weights") == weights and details.get("file") == file_id
-                        and details.get("version") == SCORING_VERSION)
-
-            if not unchanged() and engine is None:
+            if not _up_to_date(details, weights, file_id, rescore) and engine is None:
                 engine = self.service.engine()
                 weights = self.service.status().weights  # what loaded (the base, should a fine-tuned file fail)
-            if unchanged():
+            if _up_to_date(details, weights, file_id, rescore):
                 summary["unchanged"].append(image_id)
                 continue
             start = time.perf_counter()
