@@ -376,6 +376,46 @@ def test_the_frames_of_a_multi_frame_ct_get_the_series_checks(tmp_path):
     assert read_image(str(beside))[0].shape == (6, 10, 12)
 
 
+def test_a_ct_series_reformatted_as_coronal_or_sagittal_slices_reaches_the_model_as_its_axial_twin(tmp_path):
+    """The sample series written again as coronal and as sagittal DICOM slices (as a PACS holds reformats): read and
+    reoriented, the model gets the same voxels and spacing as from the axial series."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from lib.images import read_for_model
+
+    axial = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    template = pydicom.dcmread(sorted(axial.glob("*.dcm"))[0])
+    volume, geometry = read_image(str(axial))  # (z: inferior to superior, y: to the back, x: to the left)
+    (x0, y0, z0), (sx, sy, sz) = geometry.origin, geometry.spacing
+    top = z0 + sz * (volume.shape[0] - 1)
+    down = volume[::-1]  # rows from head to feet
+    plans = {  # name: (slices, their positions, row and column direction, pixel spacing (rows, columns))
+        "coronal": ([down[:, n, :] for n in range(volume.shape[1])],
+                    [(x0, y0 + sy * n, top) for n in range(volume.shape[1])], [1, 0, 0, 0, 0, -1], [sz, sx]),
+        "sagittal": ([down[:, :, m] for m in range(volume.shape[2])],
+                     [(x0 + sx * m, y0, top) for m in range(volume.shape[2])], [0, 1, 0, 0, 0, -1], [sz, sy]),
+    }
+    seen, _, _ = read_for_model(str(axial))
+    for name, (slices, positions, orientation, spacing) in plans.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        series = generate_uid()
+        for n, (pixels, position) in enumerate(zip(slices, positions)):
+            ds = template.copy()
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber, ds.ImageOrientationPatient = n + 1, orientation
+            ds.ImagePositionPatient, ds.PixelSpacing = [float(v) for v in position], spacing
+            ds.Rows, ds.Columns = pixels.shape
+            ds.PixelData = np.ascontiguousarray(pixels, dtype=np.int16).tobytes()
+            ds.save_as(folder / f"{n:03d}.dcm")
+        model_volume, model_geometry, reorientation = read_for_model(str(folder))
+        assert reorientation.order != (0, 1, 2), name
+        np.testing.assert_array_equal(model_volume, seen, err_msg=name)
+        assert model_geometry.model_spacing == pytest.approx(geometry.model_spacing), name
+
+
 def test_a_multi_frame_ct_sent_alone_gets_the_series_checks(tmp_path):
     shuffled = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in (0, 3, 1, 4, 2, 5)]
     _enhanced_ct_file(tmp_path / "frames.dcm", shuffled)
