@@ -3,8 +3,9 @@ through the real MONAI Label server, and the paper's protocol runs on an abdomin
 
 The site's labelled CTs are TotalSegmentator's example abdomen CT (its reference organs as the final label: spleen,
 kidneys, gallbladder, liver, stomach, pancreas, aorta, inferior vena cava) and its chest CT angiography (the aorta).
-``POST /train/raps3d`` fine-tunes the shipped model on them (``publish: always``, so the figures below are measured
-whatever the run's own validation says); the evaluation is ``bench_unseen_anatomy``'s: TotalSegmentator's example DICOM
+``POST /train/raps3d`` fine-tunes the shipped model on the abdominal CT and validates on the chest CTA (the train
+task holds one of two images out; ``publish: always``, so the figures below are measured whatever that validation
+says); the evaluation is ``bench_unseen_anatomy``'s: TotalSegmentator's example DICOM
 series (upper abdomen, its own frame of reference), six organs, one 2D box or one point then 3 corrective clicks,
 with the shipped model and with the published one. Prints the table, the run's wall time and its own validation.
 

@@ -10,9 +10,10 @@ same voxels however the file stores the image. Accepted request parameters:
   in any order. The model takes boxes on its axial slices only: refused on a CT stored as coronal or sagittal slices.
 - ``roi``: ``[i_min, i_max, j_min, j_max, k_min, k_max]`` (3D Slicer's ROI; inclusive; a pair may come reversed).
   An ROI one slice thick (along the axis that is the model's slices: ``k`` for an axial CT) is a 2D box on that
-  slice. A thicker ROI is reduced to a 2D box on its middle slice, ``(k_min + k_max) // 2`` counted in the model's
+  slice. A thicker ROI is reduced to a 2D box on its middle slice along that axis, counted in the model's
   orientation, with the same in-plane corners: the model takes 2D boxes only, and a box on the middle slice lets the
-  model find the object's extent in depth itself. The reply says which slice was used.
+  model find the object's extent in depth itself. The reply says which slice was used. An ROI flat across the axial
+  plane (drawn on a coronal or sagittal view) is refused.
 
 ``box`` and ``roi`` are exclusive. Bounds (a point outside the image, an empty box) are checked here in the request's
 ``[i, j, k]`` terms and again by the library.
