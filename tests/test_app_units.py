@@ -711,7 +711,41 @@ def test_scoring_retries_a_passing_failure_remembers_an_unreadable_image_and_sur
 
     monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(removed_meanwhile))
     fifth = scoring({"rescore": True}, datastore)
-    assert "removed meanwhile" in fifth["failed"]["phantom_01"] and list(fifth["scored"]) == ["phantom_02"]
+    assert "removed from the datastore meanwhile" in fifth["failed"]["phantom_01"]
+    assert list(fifth["scored"]) == ["phantom_02"]
+
+
+def test_a_scoring_pass_writes_its_scores_together_over_what_the_server_wrote_meanwhile(tmp_path, monkeypatch):
+    """A scoring process (MONAI Label runs each pass in one) wrote its own copy of the datastore's index with each
+    score, undoing what the server recorded meanwhile, such as a hand-out."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.scoring import info_writer
+    from lib.scoring.uncertainty import SCORE_KEY, Raps3DUncertainty
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("phantom_01", "phantom_02", "phantom_03"):
+        shutil.copy(SAMPLE_IMAGES / f"{name}.nii.gz", studies)
+    scoring_copy = LocalDatastore(str(studies), auto_reload=False)  # the scoring process's
+    server_copy = LocalDatastore(str(studies), auto_reload=False)  # the server's, on the same folder
+    options = AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt", device="cpu")
+    score, writes = Raps3DUncertainty._score, []
+
+    def server_hands_out_meanwhile(engine, path):
+        if "phantom_02" in path:
+            server_copy.update_image_info("phantom_01", {"strategy": {"raps3d_uncertain": {"ts": 123}}})
+        return score(engine, path)
+
+    monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(server_hands_out_meanwhile))
+    monkeypatch.setattr(info_writer, "FLUSH_SECONDS", 600.0)
+    write = scoring_copy._update_datastore_file
+    monkeypatch.setattr(scoring_copy, "_update_datastore_file", lambda *a, **k: (writes.append(1), write(*a, **k)))
+    summary = Raps3DUncertainty(ModelService(options))({}, scoring_copy)
+    assert sorted(summary["scored"]) == ["phantom_01", "phantom_02", "phantom_03"] and len(writes) == 1
+    stored = LocalDatastore(str(studies), auto_reload=False)
+    assert stored.get_image_info("phantom_01")["strategy"]["raps3d_uncertain"]["ts"] == 123
+    assert all(0.0 <= stored.get_image_info(name)[SCORE_KEY] <= 1.0 for name in summary["scored"])
 
 
 def test_scoring_with_a_broken_fine_tuned_file_keeps_the_scores_of_the_base_that_serves(tmp_path):

@@ -22,6 +22,7 @@ import raps3d
 from ..auto_prompt import soft_tissue_seed
 from ..images import ImageReadError, image_key, read_for_model
 from ..model_service import ModelService
+from .info_writer import InfoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Raps3DUncertainty(ScoringMethod):
         is_cached = getattr(datastore, "is_cached", None)
         images = sorted(unlabeled_images(datastore, request))
         summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
+        writer = InfoWriter(datastore)
         for image_id in images:
             if is_cached is not None and not fetch and not is_cached(image_id):
                 summary["not_fetched"].append(image_id)
@@ -109,10 +111,10 @@ class Raps3DUncertainty(ScoringMethod):
                 # The file itself is refused: remembered, so the strategy skips it and it is not retried until the
                 # file changes.
                 logger.warning(f"Raps-3D scoring: {image_id}: {e}")
-                self._store(datastore, image_id, summary, {SCORE_KEY: None, DETAILS_KEY: {
+                summary["failed"][image_id] = str(e)
+                self._unstored(summary, writer.add(image_id, {SCORE_KEY: None, DETAILS_KEY: {
                     "weights": weights, "file": file_id, "version": SCORING_VERSION, "error": str(e),
-                    "ts": int(time.time())}})
-                summary["failed"].setdefault(image_id, str(e))
+                    "ts": int(time.time())}}))
                 continue
             except Exception as e:  # noqa: BLE001 - one image must not stop the pass over the others
                 # Not the file's fault (out of memory while the server works on the same GPU, ...): tried again on
@@ -120,24 +122,21 @@ class Raps3DUncertainty(ScoringMethod):
                 logger.exception(f"Raps-3D scoring: {image_id} failed")
                 summary["failed"][image_id] = f"{type(e).__name__}: {e}"
                 continue
-            if self._store(datastore, image_id, summary, {SCORE_KEY: score, DETAILS_KEY: {
-                    "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
-                    "ts": int(time.time()), "seconds": round(time.perf_counter() - start, 3)}}):
-                summary["scored"][image_id] = score
-                logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
+            summary["scored"][image_id] = score
+            logger.info(f"Raps-3D scoring: {image_id}: uncertainty {score:.4f}")
+            self._unstored(summary, writer.add(image_id, {SCORE_KEY: score, DETAILS_KEY: {
+                "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
+                "ts": int(time.time()), "seconds": round(time.perf_counter() - start, 3)}}))
+        self._unstored(summary, writer.flush())
         return summary
 
     @staticmethod
-    def _store(datastore: Datastore, image_id: str, summary: dict, info: dict) -> bool:
-        """Writes an image's score; an image removed from the datastore while it was scored is listed as failed
-        and the pass goes on."""
-        try:
-            datastore.update_image_info(image_id, info)
-            return True
-        except Exception as e:  # noqa: BLE001 - MONAI Label raises its own exception types for a removed image
-            logger.warning(f"Raps-3D scoring: {image_id}: the score could not be stored: {e}")
-            summary["failed"][image_id] = f"the score could not be stored (removed meanwhile?): {e}"
-            return False
+    def _unstored(summary: dict, failed: dict[str, str]) -> None:
+        """Images whose score could not be written (removed while they were scored): failed; the pass goes on."""
+        for image_id, why in failed.items():
+            logger.warning(f"Raps-3D scoring: {image_id}: the score was not stored: {why}")
+            summary["scored"].pop(image_id, None)
+            summary["failed"][image_id] = f"the score was not stored: {why}"
 
     @staticmethod
     def _score(engine: raps3d.Engine, path: str) -> tuple[float, tuple]:
