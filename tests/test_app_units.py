@@ -86,6 +86,8 @@ def test_an_roi_on_a_ct_stored_as_sagittal_slices_becomes_a_box_on_the_models_ax
     with pytest.raises(PromptFormatError, match=r"the box \(k 60..60, i 40..90\) has no area.*spans j 20..31 but "
                                                 r"is flat within the axial plane.*draw it on an axial view"):
         parse_prompts({"roi": [40, 90, 20, 31, 60, 60]}, size, sagittal)  # drawn on a sagittal view
+    with pytest.raises(PromptFormatError, match=r"has no area; draw a box at least two voxels wide and high$"):
+        parse_prompts({"roi": [40, 90, 20, 31, -5, 0.3]}, size, sagittal)  # wide, but clipped to the image's edge
     with pytest.raises(PromptFormatError, match="this image is stored as sagittal slices.*send the box as an 'roi'"):
         parse_prompts({"box": {"slice": 3, "corners": [[10, 10], [20, 20]]}}, size, sagittal)
 
@@ -478,6 +480,22 @@ def test_a_malformed_number_of_frames_is_a_clear_error(tmp_path):
         read_image(str(folder))
 
 
+def test_a_series_of_one_frame_enhanced_ct_files_reads_their_positions_from_the_functional_groups(tmp_path):
+    import pydicom
+
+    folder = tmp_path / "split"
+    folder.mkdir()
+    positions = [(-5.0, 7.0, 50.0 + 2.0 * n) for n in range(6)]
+    for n, position in enumerate(positions):  # a multi-frame CT split into one file per frame
+        _enhanced_ct_file(folder / f"{n}.dcm", [position], frames=np.full((1, 10, 12), -1000 + n, np.int16))
+        ds = pydicom.dcmread(folder / f"{n}.dcm")
+        ds.SeriesInstanceUID, ds.InstanceNumber = "1.2.826.0.1.3680043.2.1.77", n + 1
+        ds.save_as(folder / f"{n}.dcm")
+    volume, geometry = read_image(str(folder))
+    assert volume.shape == (6, 10, 12) and geometry.spacing[2] == pytest.approx(2.0)
+    assert [int(v) for v in volume[:, 0, 0]] == [-1000 + n for n in range(6)]
+
+
 def test_a_series_whose_slices_lack_positions_is_refused(tmp_path):
     import pydicom
 
@@ -720,7 +738,7 @@ def test_a_scoring_pass_writes_its_scores_together_over_what_the_server_wrote_me
     score, undoing what the server recorded meanwhile, such as a hand-out."""
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.scoring import info_writer
+    from lib import datastore_index
     from lib.scoring.uncertainty import SCORE_KEY, Raps3DUncertainty
 
     studies = tmp_path / "studies"
@@ -738,7 +756,7 @@ def test_a_scoring_pass_writes_its_scores_together_over_what_the_server_wrote_me
         return score(engine, path)
 
     monkeypatch.setattr(Raps3DUncertainty, "_score", staticmethod(server_hands_out_meanwhile))
-    monkeypatch.setattr(info_writer, "FLUSH_SECONDS", 600.0)
+    monkeypatch.setattr(datastore_index, "FLUSH_SECONDS", 600.0)
     write = scoring_copy._update_datastore_file
     monkeypatch.setattr(scoring_copy, "_update_datastore_file", lambda *a, **k: (writes.append(1), write(*a, **k)))
     summary = Raps3DUncertainty(ModelService(options))({}, scoring_copy)

@@ -532,6 +532,26 @@ def test_a_final_label_read_back_from_the_server_is_converted_once(orthanc, tmp_
     assert os.stat(path).st_mtime_ns == converted_at and os.listdir(scratch) == []
 
 
+def test_a_series_converted_by_another_process_keeps_what_the_server_recorded_meanwhile(orthanc, tmp_path,
+                                                                                          monkeypatch):
+    """A scoring process (``fetch``) converting a series wrote the datastore index from the copy it read at start,
+    undoing what the server recorded since, such as a hand-out."""
+    server_copy, _ = _datastore(orthanc, tmp_path, monkeypatch)
+    scoring_copy, _ = _datastore(orthanc, tmp_path, monkeypatch)  # the same cache and index, read now
+    # Its file watcher would reload the index a moment after the server writes it: the write below must not depend
+    # on that moment (a busy process, or a pass converting while the server records, comes in between).
+    scoring_copy._observer.stop()
+    scoring_copy._observer.join(timeout=10)
+    phantom = orthanc.series["phantom"].series_uid
+    other = orthanc.series["phantom_missing_slice"].series_uid
+    server_copy.get_image_uri(phantom)
+    server_copy.update_image_info(phantom, {"strategy": {"raps3d_uncertain": {"ts": 123}}})
+    scoring_copy.get_image_uri(other)  # converted here: the index written by this process
+    reread, _ = _datastore(orthanc, tmp_path, monkeypatch)
+    assert reread.get_image_info(phantom)["strategy"]["raps3d_uncertain"]["ts"] == 123
+    assert reread.is_cached(other)
+
+
 def test_a_hand_out_that_fetches_its_series_does_not_hold_up_other_requests(orthanc, tmp_path):
     """Over DICOMweb a hand-out fetches and converts the chosen series; meanwhile the server answers other requests
     (MONAI Label's next-sample route did it on the event loop, so every request waited for it)."""

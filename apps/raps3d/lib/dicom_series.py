@@ -189,18 +189,23 @@ def _group_value(groups: list, sequence: str, keyword: str):
 def _file_planes(h) -> list[tuple]:
     """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of each slice of one file, in stored order: one
     for a single-frame file, one per frame of a multi-frame file (from its per-frame functional groups, else its
-    shared ones). Slices without position or orientation are left out."""
-    if frame_count(h) == 1:
-        planes = [(h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing"))]
+    shared ones; a one-frame enhanced file, split from a multi-frame one, keeps its position there too). Slices
+    without position or orientation are left out."""
+    top = (h.get("ImageOrientationPatient"), h.get("ImagePositionPatient"), h.get("PixelSpacing"))
+    per_frame = list(h.get("PerFrameFunctionalGroupsSequence") or [])
+    shared = list(h.get("SharedFunctionalGroupsSequence") or [None])[:1]
+    single = frame_count(h) == 1
+    if single and not per_frame and shared == [None]:
+        planes = [top]
     else:
-        shared = list(h.get("SharedFunctionalGroupsSequence") or [None])[:1]
         planes = []
-        for frame in h.get("PerFrameFunctionalGroupsSequence") or []:
+        for frame in per_frame or ([None] if single else []):
             groups = [frame] + shared
-            planes.append((_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-                           or h.get("ImageOrientationPatient"),
-                           _group_value(groups, "PlanePositionSequence", "ImagePositionPatient"),
-                           _group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or h.get("PixelSpacing")))
+            # A multi-frame file's position must be per frame (the reader stacks its frames 1 mm apart otherwise).
+            planes.append((_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or top[0],
+                           _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
+                           or (top[1] if single else None),
+                           _group_value(groups, "PixelMeasuresSequence", "PixelSpacing") or top[2]))
     return [p for p in planes if p[0] is not None and p[1] is not None]
 
 

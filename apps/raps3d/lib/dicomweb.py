@@ -39,6 +39,7 @@ from monailabel.datastore.utils.convert import dicom_to_nifti
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from . import datastore_index
 from .images import ImageReadError, check_size_and_data_file
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
                 cached = self._cached_image(image_id)
                 if not os.path.exists(cached):
                     with _converted(image_dir) as converted:
+                        # add_image writes this process's copy of the index: re-read it first, or a scoring
+                        # process would undo what the server recorded since it started (a hand-out).
+                        datastore_index.reload(self)
                         LocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
                 return cached
             except BaseException:

@@ -158,7 +158,8 @@ def _model_box(ranges_ijk, size_ijk, orientation: Reorientation, source: str) ->
     j0, j1 = _voxel(max(my0, 0)), _voxel(min(my1, ny - 1))
     if i1 <= i0 or j1 <= j0:
         hint = ""
-        if k1 > k0:  # thick across the model's slices, flat within them: drawn on a coronal or sagittal view
+        if k1 > k0 and min(mx1 - mx0, my1 - my0) < 1:  # thick across the slices, flat within: drawn on a coronal
+            # or sagittal view (not a wide box that only the image's edge cut down)
             hint = (f" (this roi spans {names[0]} {z0:g}..{z1:g} but is flat within the axial plane, as one drawn "
                     "on a coronal or sagittal view: draw it on an axial view)")
         raise PromptFormatError(f"the box ({in_plane}) has no area; draw a box at least two voxels wide and high"

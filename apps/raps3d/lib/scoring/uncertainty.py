@@ -21,8 +21,8 @@ import raps3d
 
 from ..auto_prompt import soft_tissue_seed
 from ..images import ImageReadError, image_key, read_for_model
+from ..datastore_index import InfoWriter
 from ..model_service import ModelService
-from .info_writer import InfoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,15 @@ class Raps3DUncertainty(ScoringMethod):
         self.service = service
 
     def __call__(self, request, datastore: Datastore):
+        summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
+        writer = InfoWriter(datastore)
+        try:
+            self._pass(request, datastore, writer, summary)
+        finally:  # what was scored before an unexpected error is kept
+            self._unstored(summary, writer.flush())
+        return summary
+
+    def _pass(self, request, datastore: Datastore, writer: InfoWriter, summary: dict) -> None:
         # The model is loaded only once an image needs scoring: most passes find every score up to date, and on a GPU
         # each pass runs in its own process beside the server's model.
         engine = None
@@ -78,8 +87,6 @@ class Raps3DUncertainty(ScoringMethod):
         fetch = _asked(request, "fetch")
         is_cached = getattr(datastore, "is_cached", None)
         images = sorted(unlabeled_images(datastore, request))
-        summary = {"scored": {}, "unchanged": [], "failed": {}, "not_fetched": []}
-        writer = InfoWriter(datastore)
         for image_id in images:
             if is_cached is not None and not fetch and not is_cached(image_id):
                 summary["not_fetched"].append(image_id)
@@ -127,8 +134,6 @@ class Raps3DUncertainty(ScoringMethod):
             self._unstored(summary, writer.add(image_id, {SCORE_KEY: score, DETAILS_KEY: {
                 "weights": weights, "file": file_id, "version": SCORING_VERSION, "seed_ijk": list(seed[::-1]),
                 "ts": int(time.time()), "seconds": round(time.perf_counter() - start, 3)}}))
-        self._unstored(summary, writer.flush())
-        return summary
 
     @staticmethod
     def _unstored(summary: dict, failed: dict[str, str]) -> None:
