@@ -496,6 +496,18 @@ def test_a_series_of_one_frame_enhanced_ct_files_reads_their_positions_from_the_
     assert [int(v) for v in volume[:, 0, 0]] == [-1000 + n for n in range(6)]
 
 
+def test_a_series_folder_holding_a_copy_of_one_of_its_files_reads_as_the_series(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "sample-data" / "dicom" / "phantom_01"
+    folder = tmp_path / "exported"
+    shutil.copytree(sample, folder)
+    first = sorted(folder.glob("*.dcm"))[5]
+    shutil.copy(first, folder / "copy_of_a_slice.dcm")  # an export that wrote one instance twice
+    volume, geometry = read_image(str(folder))
+    expected, expected_geometry = read_image(str(sample))
+    np.testing.assert_array_equal(volume, expected)
+    assert geometry == expected_geometry
+
+
 def test_a_series_whose_slices_lack_positions_is_refused(tmp_path):
     import pydicom
 

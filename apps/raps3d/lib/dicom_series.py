@@ -25,8 +25,8 @@ from collections import defaultdict
 import numpy as np
 
 # Tags read from each file (headers only).
-_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
-         "NumberOfFrames", "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept",
+_TAGS = ["SeriesInstanceUID", "SOPInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient",
+         "PixelSpacing", "NumberOfFrames", "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept",
          "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -118,9 +118,15 @@ def series_headers(folder: str) -> list:
     """The headers of the series in ``folder`` that is read as its volume: of the CT series (a study exported with
     its segmentation holds a SEG series too, which can have more frames than the CT has slices), else of all, the
     one with the most slices (frames of a multi-frame file count), of equally large ones the first by UID
-    (``images`` reads that same series, so what is checked is what is segmented)."""
+    (``images`` reads that same series and files, so what is checked is what is segmented). A file holding an
+    instance an earlier file (by name) holds is left out."""
     by_series = defaultdict(list)
+    seen = set()
     for header in _read_headers(folder):
+        instance = str(header.get("SOPInstanceUID", "") or "")
+        if instance and instance in seen:  # the same instance twice (a copy under another name): read once
+            continue
+        seen.add(instance)
         by_series[str(header.get("SeriesInstanceUID", ""))].append(header)
 
     def is_ct(item) -> bool:
@@ -131,6 +137,20 @@ def series_headers(folder: str) -> list:
 
     candidates = [item for item in sorted(by_series.items()) if is_ct(item)] or sorted(by_series.items())
     return max(candidates, key=slices)[1] if candidates else []
+
+
+def stacking_order(headers: list) -> list[str] | None:
+    """The files of single-frame ``headers`` ordered as the reader stacks a series: by position along the slice
+    normal, ascending. None where a file has no position or orientation (the reader's own order is kept then)."""
+    planes = [_file_planes(h) for h in headers]
+    if any(len(p) != 1 for p in planes):
+        return None
+    orientation = np.array([float(v) for v in planes[0][0][0]])
+    if orientation.shape != (6,):
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = [float(np.dot([float(v) for v in p[0][1]], normal)) for p in planes]
+    return [h.filename for _, h in sorted(zip(along, headers), key=lambda pair: pair[0])]
 
 
 def check_series(headers: list) -> None:

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from raps3d.orientation import Reorientation
 
 from .dicom_series import (SeriesError, check_series, dicom_file_headers, functional_group_rescale, series_headers,
-                           source_series_folder, stored_value_range)
+                           source_series_folder, stacking_order, stored_value_range)
 
 
 class ImageReadError(ValueError):
@@ -122,7 +122,9 @@ def _itk_reason(error: RuntimeError, path: str) -> str:
     return line.replace(os.path.realpath(path), os.path.basename(path)).replace(path, os.path.basename(path))
 
 
-def _read_sitk(path: str, header_only: bool = False, series_uid: str | None = None):
+def _read_sitk(path: str, header_only: bool = False, series_uid: str | None = None, keep: list | None = None):
+    """``keep``: for a folder, the files of the series to read, in stacking order (others are left out), where
+    they are not all the files the reader lists (a duplicate left out)."""
     if os.path.isdir(path):
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(path)
@@ -133,6 +135,8 @@ def _read_sitk(path: str, header_only: bool = False, series_uid: str | None = No
             # with the most files, of equally large ones the first by UID.
             series_uid = max(sorted(series), key=lambda s: len(reader.GetGDCMSeriesFileNames(path, s)))
         files = reader.GetGDCMSeriesFileNames(path, series_uid)
+        if keep is not None and {os.path.realpath(f) for f in files} != {os.path.realpath(f) for f in keep}:
+            files = keep  # the reader's list holds a duplicate, and its order is then by file name
         if len(files) == 1:  # one multi-frame file: read as a volume (the series reader would add a 4th axis)
             return sitk.ReadImage(files[0])
         reader.SetFileNames(files)
@@ -200,10 +204,13 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
         rescale = functional_group_rescale(headers)
     except SeriesError as e:
         raise ImageReadError(str(e)) from None
+    keep = None
     if folder is not None and headers:
         series_uid = str(headers[0].get("SeriesInstanceUID", ""))
+        if os.path.isdir(path):
+            keep = stacking_order(headers)  # the files checked (a duplicate left out), as the reader stacks them
     try:
-        image = _read_sitk(path, series_uid=series_uid)
+        image = _read_sitk(path, series_uid=series_uid, keep=keep)
     except ImageReadError:
         raise
     except RuntimeError as e:
