@@ -445,6 +445,14 @@ def test_a_functional_group_rescale_is_applied_once_whatever_the_reader_did(tmp_
         read_image(str(tmp_path / "mixed.dcm"))
 
 
+def _assert_reads_as(folder: Path, source: Path) -> None:
+    """``folder`` reads as the same voxels and geometry as the series ``source``."""
+    volume, geometry = read_image(str(folder))
+    expected, expected_geometry = read_image(str(source))
+    np.testing.assert_array_equal(volume, expected)
+    assert geometry == expected_geometry
+
+
 def test_a_ct_exported_with_a_larger_segmentation_series_reads_the_ct(tmp_path):
     import pydicom
 
@@ -457,10 +465,7 @@ def test_a_ct_exported_with_a_larger_segmentation_series_reads_the_ct(tmp_path):
     seg = pydicom.dcmread(folder / "seg.dcm")
     seg.Modality, seg.SOPClassUID = "SEG", "1.2.840.10008.5.1.4.1.1.66.4"
     seg.save_as(folder / "seg.dcm")
-    volume, geometry = read_image(str(folder))
-    expected, expected_geometry = read_image(str(sample))
-    np.testing.assert_array_equal(volume, expected)
-    assert geometry == expected_geometry
+    _assert_reads_as(folder, sample)
 
 
 def test_a_malformed_number_of_frames_is_a_clear_error(tmp_path):
@@ -502,10 +507,7 @@ def test_a_series_folder_holding_a_copy_of_one_of_its_files_reads_as_the_series(
     shutil.copytree(sample, folder)
     first = sorted(folder.glob("*.dcm"))[5]
     shutil.copy(first, folder / "copy_of_a_slice.dcm")  # an export that wrote one instance twice
-    volume, geometry = read_image(str(folder))
-    expected, expected_geometry = read_image(str(sample))
-    np.testing.assert_array_equal(volume, expected)
-    assert geometry == expected_geometry
+    _assert_reads_as(folder, sample)
 
 
 def test_a_series_whose_slices_lack_positions_is_refused(tmp_path):
