@@ -10,6 +10,7 @@ gzip encoding, DICOM SEG) are sent as they are.
 
 from __future__ import annotations
 
+import gzip
 import zlib
 
 from starlette.responses import FileResponse, Response, StreamingResponse
@@ -80,5 +81,4 @@ def encode_reply(response, accept_encoding: str | None):
     if isinstance(response, StreamingResponse) or len(body) < MIN_BYTES:
         return response
     # The multipart reply (no output given: params and label together), already in memory.
-    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    return Response(compressor.compress(body) + compressor.flush(), media_type=response.media_type, headers=headers)
+    return Response(gzip.compress(body, compresslevel=LEVEL), media_type=response.media_type, headers=headers)
