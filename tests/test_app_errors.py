@@ -18,7 +18,7 @@ CLICK = [80, 64, 24]
     ({"foreground": "80, 64, 24"}, "must be a list of points"),
     ({}, "no prompt"),
     ({"label": "liver"}, "no prompt"),
-    ({"background": [CLICK]}, "first prompt of an object must be a positive point or a box"),
+    ({"background": [CLICK]}, "background points alone cannot make an object"),
     ({"box": {"slice": 24, "corners": [[60, 40], [60, 90]]}}, "has no area"),
     ({"box": {"slice": 99, "corners": [[60, 40], [90, 90]]}}, "outside the image's 48 slices"),
     ({"box": [60, 40, 90, 90]}, "'box' must be"),
@@ -104,6 +104,26 @@ def test_a_rejected_request_leaves_the_session_as_it_was_and_the_server_working(
     assert server.infer("corrupt", {**base, "foreground": [[1, 1, 0]]}).status_code == 422
     edit = server.infer(IMAGE, {**base, "foreground": [CLICK, [82, 66, 24]]})
     assert edit.status_code == 200 and edit.json()["cache"] == "edit"
+
+
+def test_a_refused_request_keeps_the_undo_history_and_a_refused_reset_resets_nothing(server):
+    base = {"client_id": "refused-keeps", "label": "liver"}
+    one = server.infer_ok(IMAGE, {**base, "foreground": [CLICK]}).json()
+    two = server.infer_ok(IMAGE, {**base, "foreground": [CLICK], "background": [[40, 50, 24]]}).json()
+    assert two["cache"] == "edit"
+    for refused in ({**base, "background": [[40, 50, 24]]},  # the viewer dropped the foreground click
+                    {**base, "reset": True, "background": [[40, 50, 24]]}):
+        r = server.infer(IMAGE, refused)
+        assert r.status_code == 400 and "background points alone" in r.json()["detail"]
+    undone = server.infer_ok(IMAGE, {**base, "undo": True}).json()
+    assert undone["cache"] == "undo" and undone["roi"] == one["roi"]
+    assert undone["prompts"] == {"foreground": 1, "background": 0}
+
+
+def test_a_label_name_that_is_not_a_name_is_400(server):
+    for label in (["liver"], {"name": "liver"}, True):
+        r = server.infer(IMAGE, {"client_id": "label-names", "label": label, "foreground": [CLICK]})
+        assert r.status_code == 400 and "'label' must be" in r.json()["detail"], (label, r.text)
 
 
 def test_a_refused_upload_leaves_no_copy_in_the_temporary_folder(server):

@@ -308,6 +308,44 @@ def test_a_session_rebuilt_from_a_request_gives_the_mask_of_the_clicks_sent_one_
     np.testing.assert_array_equal(together, edited)
 
 
+def test_clicks_added_together_are_edits_one_click_at_a_time(server):
+    """A viewer that sends several new clicks in one request (OHIF when Run is pressed after a few clicks) gets the
+    mask of those clicks sent one per request, and undo goes back one click, as on a rebuilt session."""
+    clicks = [CLICK, [84, 60, 24], [76, 70, 26]]
+    base = {"label": "added-together"}
+    one_by_one = [_label(server, IMAGE, {**base, "client_id": "single-clicks", "foreground": clicks[:n]})[0]
+                  for n in range(1, 4)]
+    _label(server, IMAGE, {**base, "client_id": "clicks-together", "foreground": clicks[:1]})
+    together, reply = _label(server, IMAGE, {**base, "client_id": "clicks-together", "foreground": clicks})
+    assert reply["cache"] == "edit" and reply["timings"]["model_steps"] == 2
+    assert reply["prompts"] == {"foreground": 3, "background": 0}
+    np.testing.assert_array_equal(together, one_by_one[2])
+    undone, reply = _label(server, IMAGE, {**base, "client_id": "clicks-together", "undo": True})
+    assert reply["cache"] == "undo" and reply["prompts"] == {"foreground": 2, "background": 0}
+    np.testing.assert_array_equal(undone, one_by_one[1])
+
+
+def test_reset_with_prompts_starts_the_object_anew_from_them(server):
+    base = {"label": "reset-and-start", "client_id": "reset-start"}
+    fresh, _ = _label(server, IMAGE, {**base, "client_id": "reset-start-fresh", "foreground": [[84, 60, 24]]})
+    _label(server, IMAGE, {**base, "foreground": [CLICK]})
+    anew, reply = _label(server, IMAGE, {**base, "reset": True, "foreground": [[84, 60, 24]]})
+    assert reply["cache"] == "new_object" and reply["prompts"] == {"foreground": 1, "background": 0}
+    np.testing.assert_array_equal(anew, fresh)
+    undone = server.infer_ok(IMAGE, {**base, "undo": True}).json()  # back to before the new first click
+    assert undone["cache"] == "undo" and undone["roi"] is None
+    r = server.infer(IMAGE, {**base, "undo": True})  # the reset left the earlier click nothing to undo to
+    assert r.status_code == 409 and "nothing to undo" in r.json()["detail"]
+
+
+def test_session_is_taken_as_the_client_id(server):
+    base = {"label": "alias", "foreground": [CLICK]}
+    reply = server.infer_ok(IMAGE, {**base, "session": "by-session-name"}).json()
+    assert reply["client_id"] == "by-session-name" and reply["cache"] == "new_object"
+    reply = server.infer_ok(IMAGE, {**base, "client_id": "by-session-name"}).json()
+    assert reply["cache"] == "repeat"
+
+
 def test_replay_takes_the_box_or_first_point_then_one_point_per_step():
     import sys
 

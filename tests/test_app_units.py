@@ -971,47 +971,48 @@ def test_a_rejected_first_prompt_leaves_no_session(session_store):
     assert session_store.find_object(key) is None
 
 
-def test_a_request_waiting_on_a_replay_that_fails_does_not_edit_the_half_built_object(session_store, monkeypatch):
-    import threading
-
-    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
-    key = ("client", "vol", "aorta")
-    size = (56, 48, 24)
-    clicks = [[20, 20, 12], [18, 19, 12], [22, 22, 12], [21, 18, 12]]
+def _fail_at_call(monkeypatch, n: int) -> list:
+    """Makes the ``n``-th ``InteractiveObject.interact`` call from now on fail (as out of memory would)."""
     interact, calls = raps3d.InteractiveObject.interact, []
-    third_step, waiter_blocked = threading.Event(), threading.Event()
 
-    def fails_at_the_third_step(self, points=(), box=None):
+    def failing(self, points=(), box=None):
         calls.append(points)
-        if len(calls) == 3:
-            third_step.set()
-            waiter_blocked.wait(30)  # the other request is waiting on this object's lock now
+        if len(calls) == n:
             raise RuntimeError("out of memory")
         return interact(self, points, box)
 
-    monkeypatch.setattr(raps3d.InteractiveObject, "interact", fails_at_the_third_step)
-    errors = []
+    monkeypatch.setattr(raps3d.InteractiveObject, "interact", failing)
+    return calls
 
-    def replay():
-        try:
-            interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": clicks[:3]}, size))
-        except RuntimeError as e:
-            errors.append(e)
 
-    first = threading.Thread(target=replay)
-    first.start()
-    assert third_step.wait(60)
-    outcome = []
-    second = threading.Thread(target=lambda: outcome.append(interaction.apply_prompts(
-        session_store, key, image, parse_prompts({"foreground": clicks}, size))))
-    second.start()
-    second.join(0.5)  # blocked on the lock of the half-built object
-    waiter_blocked.set()
-    first.join(60)
-    second.join(60)
-    assert errors and outcome, (errors, outcome)
-    assert outcome[0].mode == "new_object"  # not an "edit" of the object the failed replay left behind
-    assert session_store.find_object(key).prompts.points == tuple(parse_prompts({"foreground": clicks}, size).points)
+def test_a_new_object_that_fails_halfway_leaves_the_session_it_would_replace(session_store, monkeypatch):
+    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
+    key, size = ("client", "vol", "aorta"), (56, 48, 24)
+    first = interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": [[20, 20, 12]]}, size))
+    obj = session_store.find_object(key)
+    _fail_at_call(monkeypatch, 2)
+    other = parse_prompts({"foreground": [[30, 30, 12], [31, 29, 12], [29, 31, 12]]}, size)  # another first click
+    with pytest.raises(RuntimeError):
+        interaction.apply_prompts(session_store, key, image, other)
+    assert session_store.find_object(key) is obj and obj.result is first.result
+    assert obj.previous_prompts == raps3d.Prompts()  # its undo history is intact too
+
+
+def test_an_edit_that_fails_halfway_is_undone_whole(session_store, monkeypatch):
+    image = session_store.image("vol", lambda: (_volume(), (3.0, 1.0, 1.0)))
+    key, size = ("client", "vol", "aorta"), (56, 48, 24)
+    clicks = [[20, 20, 12], [18, 19, 12], [22, 22, 12], [21, 18, 12]]
+    first = interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": clicks[:1]}, size))
+    obj = session_store.find_object(key)
+    calls = _fail_at_call(monkeypatch, 3)
+    with pytest.raises(RuntimeError):
+        interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": clicks}, size))
+    assert len(calls) == 3  # two clicks were added, one step each, before the third failed
+    assert session_store.find_object(key) is obj and obj.prompts == first.prompts
+    np.testing.assert_array_equal(obj.result.full_mask(), first.result.full_mask())
+    monkeypatch.undo()
+    again = interaction.apply_prompts(session_store, key, image, parse_prompts({"foreground": clicks}, size))
+    assert again.mode == "edit" and again.prompts.points == tuple(parse_prompts({"foreground": clicks}, size).points)
 
 
 # -- automatic click ---------------------------------------------------------------------------------------------------

@@ -187,6 +187,12 @@ class InteractiveObject:
     def result(self) -> Result | None:
         return self._state.result
 
+    @property
+    def previous_prompts(self) -> Prompts | None:
+        """The prompts that ``undo`` goes back to (None when there is nothing to undo)."""
+        with self.lock:
+            return self._history[-1].prompts if self._history else None
+
     def add_point(self, zyx, positive: bool = True) -> Result:
         return self.interact(points=[(zyx, positive)])
 

@@ -72,7 +72,13 @@ class SessionStore:
         """A new object on ``image``, kept as ``key``'s session while the image is open. When other requests have
         evicted the image since this one opened it, the object still answers this request but is not kept: a
         session would hold the evicted volume beyond ``max_images``."""
-        obj = InteractiveObject(image)
+        return self.keep_object(key, InteractiveObject(image))
+
+    def keep_object(self, key: ObjectKey, obj: InteractiveObject) -> InteractiveObject:
+        """Keeps ``obj`` (made on one of the store's images) as ``key``'s session, replacing any other, as
+        ``new_object`` does. An object built first and kept only once its prompts succeeded leaves the session it
+        replaces untouched when they fail."""
+        image = obj.image
         with self._lock:
             if any(state is image for state in self._images.values()):
                 self._objects[key] = obj

@@ -3,16 +3,17 @@
 Viewers resend every prompt of the current object on each click. The request is compared with the cached object
 of the same (client, image, label):
 
-- same box and every earlier point still there, new points added: an edit (decoder only inside the zoom-in ROI);
+- same box and every earlier point still there, new points added: an edit, one step per new point (decoder only
+  inside the zoom-in ROI);
 - exactly the same prompts: the cached result is returned as it is (``repeat``);
 - the prompts of the step before: the library's undo (``undo``; viewers that remove the last click);
 - anything else: a new object, built from the request's prompts alone (``new_object``).
 
 A new object takes the prompts one at a time, as a viewer sends them and as the model was trained: the box (or the
 first foreground point), then each further point as an edit of the mask before, in the request's order. So a reply
-never depends on prompts the request did not send, and for prompts sent one per request it is the same whether the
-session was still cached or not (evicted, expired, or taken over by another annotator with the same client id), and
-undo works after it. Viewers send foreground and background points as two lists: where background clicks fell among
+never depends on prompts the request did not send, and it is the same whether the session was still cached or not
+(evicted, expired, or taken over by another annotator with the same client id), however many clicks each request
+added (up to MAX_REPLAY_STEPS steps), and undo works after it. A refused request leaves the session as it was. Viewers send foreground and background points as two lists: where background clicks fell among
 the foreground ones is not known, and they are replayed after them.
 """
 
@@ -40,6 +41,7 @@ class Outcome:
     mode: str  # new_object | edit | repeat | undo | reset
     features_reused: bool  # image features came from the cache (no encoder pass at all)
     timings: dict | None = None  # the model's seconds per stage, of every step that ran (None: the result's own)
+    prompts: raps3d.Prompts = raps3d.Prompts()  # the object's prompts afterwards
 
 
 def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
@@ -58,24 +60,46 @@ def replay_steps(prompts: PromptSet) -> list[tuple[tuple, tuple | None]]:
     return steps
 
 
+def _add_up(timings: dict, step: dict) -> None:
+    for name, value in step.items():
+        if isinstance(value, float):
+            timings[name] = timings.get(name, 0.0) + value  # seconds add up
+        else:
+            timings.setdefault(name, value)  # flags: the first step's
+
+
 def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, prompts: PromptSet) -> Outcome:
-    obj = store.new_object(key, image)
+    # Built apart and kept only once every step succeeded: a refused prompt leaves the session it would replace (its
+    # mask, undo history and cached features) as it was.
+    obj = raps3d.InteractiveObject(image)
+    timings: dict = {}
+    steps = replay_steps(prompts)
     with obj.lock:
-        try:
-            timings: dict = {}
-            steps = replay_steps(prompts)
-            for points, box in steps:
-                result = obj.interact(points=points, box=box)
-                for name, value in result.timings.items():
-                    if isinstance(value, float):
-                        timings[name] = timings.get(name, 0.0) + value  # seconds add up
-                    else:
-                        timings.setdefault(name, value)  # flags: the first step's
-        except Exception:
-            store.drop_object(key, obj)  # a rejected prompt or a failed step leaves no half-made session behind
-            raise
+        for points, box in steps:
+            result = obj.interact(points=points, box=box)
+            _add_up(timings, result.timings)
+    store.keep_object(key, obj)
     # Both passes ran; the zoom-out features may have come from another object on the same image.
-    return Outcome(result, "new_object", False, {**timings, "steps": len(steps)})
+    return Outcome(result, "new_object", False, {**timings, "steps": len(steps)}, obj.prompts)
+
+
+def _edit(obj: raps3d.InteractiveObject, added: list) -> Outcome:
+    """The new points one per step, as a new object replays them: the mask then does not depend on how many clicks
+    a viewer sent per request, and undo goes back one click at a time. All or nothing: a failed step is undone with
+    those before it."""
+    timings: dict = {}
+    done, reused = 0, True
+    try:
+        for point in added:
+            result = obj.interact(points=[point])
+            done += 1
+            reused = reused and result.cache_hit
+            _add_up(timings, result.timings)
+    except BaseException:
+        for _ in range(done):
+            obj.undo()
+        raise
+    return Outcome(result, "edit", reused, {**timings, "steps": done} if done > 1 else None, obj.prompts)
 
 
 def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Hashable], image: raps3d.ImageState,
@@ -88,7 +112,7 @@ def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Has
                 return _new_object(store, key, image, prompts)
             current = obj.prompts
             if obj.result is not None and prompts.matches(current):
-                return Outcome(obj.result, "repeat", True)
+                return Outcome(obj.result, "repeat", True, None, current)
             same_box = (prompts.box is None and current.box is None) or (
                 prompts.box is not None and prompts.box.same_as(current.box))
             if same_box and obj.result is not None:
@@ -100,17 +124,14 @@ def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Has
                         if extra[p] > 0:
                             added.append(p)
                             extra[p] -= 1
-                    result = obj.interact(points=added)
-                    return Outcome(result, "edit", result.cache_hit)
-                if all(have[p] >= n for p, n in wanted.items()):
-                    # Fewer prompts than the object has: a viewer-side undo of the last click?
-                    try:
-                        obj.undo()
-                    except raps3d.PromptError:
-                        pass
-                    else:
-                        if obj.result is not None and prompts.matches(obj.prompts):
-                            return Outcome(obj.result, "undo", True)
+                    return _edit(obj, added)
+                # Fewer prompts than the object has: a viewer-side undo of the last click? Checked before undoing,
+                # so that a request that is not one leaves the object as it was if its new object is refused.
+                previous = obj.previous_prompts
+                if previous is not None and (previous.points or previous.box) and prompts.matches(previous):
+                    result = obj.undo()
+                    if result is not None:
+                        return Outcome(result, "undo", True, None, obj.prompts)
     return _new_object(store, key, image, prompts)
 
 
@@ -121,7 +142,7 @@ def undo(store: raps3d.SessionStore, key, image: raps3d.ImageState) -> Outcome:
         raise raps3d.SessionError(f"nothing to undo: client {key[0]!r} has no session for label {key[2]!r} on this "
                                   "image (never started, reset, or expired); start with a first prompt")
     result = obj.undo()
-    return Outcome(result, "undo", True)
+    return Outcome(result, "undo", True, None, obj.prompts)
 
 
 def reset(store: raps3d.SessionStore, key) -> Outcome:

@@ -247,6 +247,12 @@ class ModelService:
         self._ensure()
         return self._store
 
+    def serving(self) -> tuple[raps3d.SessionStore, ModelStatus]:
+        """The session store and the status of the model behind it, read together."""
+        self._ensure()
+        with self._lock:
+            return self._store, self._status
+
     def warm_up(self) -> None:
         """Load the model and run one encoder pass, so that the first click pays for neither."""
         engine = self.engine()

@@ -24,8 +24,8 @@ from .. import interaction
 from ..images import GeometryCache, ImageReadError, image_key, read_for_model
 from ..infer_route import UPLOADED_PARAM
 from ..label_writers import LabelFormat, LabelFormatError, write_label
-from ..model_service import ModelService
-from ..prompts import PromptFormatError, PromptSet, parse_prompts
+from ..model_service import ModelService, ModelStatus
+from ..prompts import PromptFormatError, parse_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +133,18 @@ class Raps3DInfer(InferTask):
         if do_reset and do_undo:
             raise PromptFormatError("send either 'reset' or 'undo', not both")
 
-        store = self.service.store()
+        store, status = self.service.serving()  # together: a model reload may come between two calls
         t_open = time.perf_counter()
         image_key_, state, geometry, was_open = self._open(store, path, request.get(UPLOADED_PARAM) is True)
         # The session's image is in the model's orientation; prompts are mapped there, replies back to the file's.
         orientation = geometry.orientation
         prompts = parse_prompts(request, geometry.size, orientation)  # checked before anything changes
         key = (client, image_key_, label)
+        if not do_undo and not prompts.empty and prompts.box is None and not any(pos for _, pos in prompts.points):
+            # Every request carries all of an object's prompts, so this one could never start it: refused before a
+            # reset or anything else changes.
+            raise PromptFormatError("background points alone cannot make an object: send a 'foreground' point or "
+                                    "a box with them")
 
         t_interact = time.perf_counter()
         if do_undo:
@@ -169,18 +174,17 @@ class Raps3DInfer(InferTask):
         end = time.perf_counter()
 
         box = prompts.box.as_reply(orientation, geometry.shape_zyx) if prompts.box is not None else None
-        params = self._reply(outcome, roi, box, prompts, label, client, was_open,
+        params = self._reply(outcome, status, roi, box, label, client, was_open,
                              {"open_image": t_interact - t_open, "interact": t_write - t_interact,
                               "write": end - t_write, "total": end - begin})
         logger.info(f"Raps-3D: client {client!r} label {label!r}: {outcome.mode}, cache_hit {outcome.features_reused}, "
                     f"total {end - begin:.3f} s")
         return label_file, params
 
-    def _reply(self, outcome: interaction.Outcome, roi: raps3d.Box | None, box: dict | None,
-               prompts: PromptSet, label: str, client: str, was_open: bool, timings: dict) -> dict:
-        """``roi`` and ``box`` in the file's voxel order."""
+    def _reply(self, outcome: interaction.Outcome, status: ModelStatus, roi: raps3d.Box | None, box: dict | None,
+               label: str, client: str, was_open: bool, timings: dict) -> dict:
+        """``roi`` and ``box`` in the file's voxel order; ``status``: of the model that answered."""
         result = outcome.result
-        status = self.service.expected_status()
         model_timings = {}
         if result is not None and outcome.mode in ("new_object", "edit"):
             model_timings = outcome.timings if outcome.timings is not None else result.timings
@@ -194,8 +198,8 @@ class Raps3DInfer(InferTask):
             "image_cached": was_open,
             "roi": roi_ijk(roi) if roi is not None else None,
             "box": box,
-            "prompts": {"foreground": sum(1 for _, pos in prompts.points if pos),
-                        "background": sum(1 for _, pos in prompts.points if not pos)},
+            "prompts": {"foreground": sum(1 for _, pos in outcome.prompts.points if pos),
+                        "background": sum(1 for _, pos in outcome.prompts.points if not pos)},
             "predicted_iou": round(result.iou, 4) if result is not None else None,
             "timings": {**rounded, **{f"model_{k}": (round(v, 4) if isinstance(v, float) else v)
                                       for k, v in model_timings.items()}},
