@@ -302,3 +302,57 @@ def test_whole_slide_routes_are_refused(server, route, outside_ct):
         assert r.json()["detail"] == ("Raps-3D segments CT volumes; whole-slide inference is not offered: use POST "
                                       "/infer/raps3d")
     assert set(scratch.iterdir()) == before  # an uploaded file is not kept
+
+
+def test_an_image_id_keeps_its_image_and_its_labels(server):
+    """Uploading an image again under its id (a viewer that uploads before it segments) keeps it and its labels;
+    another image under that id is 409: MONAI Label would keep the first one's labels, which would then count as the
+    second one's."""
+    import SimpleITK as sitk
+
+    listing = f"{server.url}/datastore/"
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+
+    def upload(content, filename="ct.nii.gz"):
+        return requests.put(f"{server.url}/datastore/image", params={"image": "kept_ct"}, data={"params": "{}"},
+                            files={"file": (filename, content, "application/octet-stream")}, timeout=60)
+
+    def labels():
+        objects = requests.get(listing, params={"output": "all"}, timeout=60).json()["objects"]
+        return objects["kept_ct"]["labels"]
+
+    assert upload(ct).status_code == 200
+    try:
+        size = sitk.ReadImage(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz")).GetSize()
+        grid = sitk.ReadImage(str(SAMPLE_IMAGES / f"{IMAGE}.nii.gz"))
+        label = sitk.Image(size, sitk.sitkUInt8)
+        label.CopyInformation(grid)
+        label[10:20, 10:20, 5:9] = 1
+        for suffix in (".nii.gz", ".nrrd"):  # the same label saved twice, as two file types
+            path = server.log.parent / f"label{suffix}"
+            sitk.WriteImage(label, str(path))
+            r = requests.put(f"{server.url}/datastore/label", params={"image": "kept_ct", "tag": "final"},
+                             files={"label": (path.name, path.read_bytes(), "application/octet-stream")},
+                             data={"params": "{}"}, timeout=60)
+            assert r.status_code == 200, r.text
+        assert sorted(p.name for p in (server.studies / "labels" / "final").glob("kept_ct.*")) == ["kept_ct.nrrd"]
+
+        again = upload(ct)
+        assert again.status_code == 200 and again.json() == {"image": "kept_ct"}
+        assert "final" in labels()
+        other = upload((SAMPLE_IMAGES / "phantom_02.nii.gz").read_bytes())
+        assert other.status_code == 409, other.text
+        assert other.json()["detail"].startswith("the datastore already holds another image with the id 'kept_ct'")
+        assert (server.studies / "kept_ct.nii.gz").read_bytes() == ct and "final" in labels()
+
+        assert requests.delete(f"{server.url}/datastore/label", params={"id": "kept_ct", "tag": "final"},
+                               timeout=60).status_code == 200
+        import time
+
+        deadline = time.monotonic() + 30  # the index follows the file's removal
+        while "final" in labels() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "final" not in labels()  # no earlier file type of it comes back
+        assert not list((server.studies / "labels" / "final").glob("kept_ct.*"))
+    finally:
+        assert requests.delete(listing, params={"id": "kept_ct"}, timeout=60).status_code == 200

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from typing import Optional
 
+import numpy as np
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +33,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 from raps3d import ImageError, check_volume
 
-from .images import ImageReadError, read_geometry, read_image, read_label_on_grid
+from .images import Geometry, ImageReadError, read_geometry, read_image, read_label_on_grid
 from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,18 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     if image_id:
         check_plain_name(image_id, "the image id" if image else "the image id (the uploaded file's name)")
     parse_params(params)
+    store = app_instance().datastore()
+    # MONAI Label replaces an image of the same id but leaves its labels' files, which come back at the next reload
+    # as the new image's (trained on, and the image never handed out): a different image needs its own id.
+    existing = "" if not image_id or isinstance(store, DICOMWebDatastore) else store.get_image_uri(image_id)
     async with _UPLOAD_CHECKS:
-        await run_in_threadpool(check_image, file)  # reads the whole volume: off the event loop
+        same = await run_in_threadpool(check_image, file, existing)  # reads whole volumes: off the event loop
+    if same:  # the image as stored (a viewer that uploads before it segments): kept as it is, with its labels
+        return {"image": image_id}
+    if existing:
+        raise HTTPException(status_code=409, detail=(
+            f"the datastore already holds another image with the id {image_id[:200]!r}: upload this one under "
+            "another id, or remove that image first (DELETE /datastore/image, which removes its labels too)"))
     try:
         return add_image(background_tasks, image, params, file, user.username)
     except BaseException:
@@ -91,13 +102,27 @@ async def raps3d_save_label(
         async with _UPLOAD_CHECKS:
             await run_in_threadpool(check_label, label, image_path)
     try:
-        return save_label(background_tasks, image, params, tag, label, user.username)
+        saved = save_label(background_tasks, image, params, tag, label, user.username)
+        if image_path:
+            remove_other_label_files(store.get_label_uri(image, tag or DefaultLabelTag.FINAL.value), image)
+        return saved
     except ImageNotFoundException:
         remove_uploads(background_tasks)
         raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore") from None
     except BaseException:
         remove_uploads(background_tasks)
         raise
+
+
+def remove_other_label_files(saved: str, image_id: str) -> None:
+    """Removes the image's earlier label of that tag saved as another file type: MONAI Label keeps it beside the new
+    one, and brings it back once the new one is removed."""
+    folder, name = os.path.split(saved)
+    for pattern in settings.MONAI_LABEL_DATASTORE_FILE_EXT:
+        other = image_id + pattern.replace("*", "")
+        if other != name and os.path.isfile(os.path.join(folder, other)):
+            logger.info(f"Raps-3D: label {other!r} replaced by {name!r}")
+            os.remove(os.path.join(folder, other))
 
 
 async def raps3d_remove_image(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
@@ -140,15 +165,28 @@ def check_label(label: UploadFile, image_path: str) -> None:
             raise _refused(e, copy, name, "the label cannot be saved") from None
 
 
-def check_image(image: UploadFile) -> None:
+def check_image(image: UploadFile, existing: str = "") -> bool:
     """A 422 unless the upload reads as a CT volume the model can segment (the checks of every request on it), so
-    that an annotator never gets a file no request can open as the next image to label."""
+    that an annotator never gets a file no request can open as the next image to label. Returns whether it is the
+    image of the file ``existing`` (the same voxels on the same grid, whatever the file type)."""
     with upload_copy(image, "image.nii.gz") as (copy, name):
         try:
             volume, geometry = read_image(copy)
             check_volume(volume, geometry.spacing[::-1])
         except (ImageReadError, ImageError) as e:
             raise _refused(e, copy, name, "the image cannot be added") from None
+    if not existing:
+        return False
+    try:
+        stored, stored_geometry = read_image(existing)
+    except ImageReadError:
+        return False  # the stored file no longer reads: not the same image
+    return same_grid(geometry, stored_geometry) and np.array_equal(volume, stored)
+
+
+def same_grid(a: Geometry, b: Geometry) -> bool:
+    return a.size == b.size and all(np.allclose(x, y, rtol=0, atol=1e-4) for x, y in (
+        (a.spacing, b.spacing), (a.origin, b.origin), (a.direction, b.direction)))
 
 
 def install(fastapi_app=None) -> bool:
