@@ -46,7 +46,10 @@ def remove_stale_writes(path: str | os.PathLike) -> int:
     """Removes the temporary files that writes of ``path`` (``save_atomic``) left when their process was killed;
     call it where no other process writes ``path``. Returns how many were removed."""
     path = Path(path)
-    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    prefix = f".{path.name}."
+    # Only this file's: the random part of a temporary name has no dot, while ``.lite.pt.resume.x.tmp`` is another
+    # file's (``lite.pt.resume``) write, perhaps in progress.
+    stale = [p for p in path.parent.glob(f"{glob.escape(prefix)}*.tmp") if "." not in p.name[len(prefix):-len(".tmp")]]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)

@@ -20,6 +20,11 @@ class Engine:
     """
 
     def __init__(self, model: Raps3D, device: str | torch.device = "cpu", bf16: bool = False):
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32:
+            # Inputs are fp32; half-precision inference is bf16=True (autocast over fp32 weights).
+            raise ValueError(f"the model's weights are {dtype}: give Engine fp32 weights (model.float()), and "
+                             "bf16=True for bfloat16 inference")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import ImageError
+
 # Where the model's axes point, along each LPS axis (x: left, y: posterior, z: superior): left, posterior, inferior.
 MODEL_SIGNS_LPS = (1.0, 1.0, -1.0)
 # The model axis (0 = z, 1 = y, 2 = x) that follows each LPS axis.
@@ -46,6 +48,9 @@ class Reorientation:
         """From an ITK direction matrix (9 numbers, row-major; column c is the direction of index axis c = i, j, k
         in LPS). Index axis i is array axis x (2), j is y (1), k is z (0)."""
         signed = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+        if not np.isfinite(signed).all() or not (np.abs(signed).max(axis=0) > 0).all():
+            raise ImageError(f"the image's direction matrix {signed.ravel().tolist()} has an axis without a "
+                             "direction: its orientation is unknown")
         # The LPS axis each array axis follows: the assignment that follows the axes best, the stored order first so
         # that a tie (a 45-degree oblique series) keeps it. Array axis a is the matrix's column 2 - a.
         stored = (2, 1, 0)  # array z follows LPS z (2), y follows y, x follows x

@@ -13,6 +13,7 @@ nothing: the mask is zero there already.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -52,9 +53,14 @@ def check_volume(volume, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarra
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         raise ImageError("the image contains NaN or infinite values")
     spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (3,) or not (spacing > 0).all():
+    if spacing.shape != (3,) or not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise ImageError(f"invalid voxel spacing {spacing.tolist()}")
     return volume, spacing
+
+
+def _voxel(c: float) -> int:
+    """The voxel a coordinate falls in; halves go up (as ``Box.contains``), not to the even neighbour."""
+    return int(math.floor(c + 0.5))
 
 
 class ImageState:
@@ -279,10 +285,11 @@ class InteractiveObject:
         # A box that pokes out of the slice is clipped to it.
         y0, y1 = max(y0, 0), min(y1, ny - 1)
         x0, x1 = max(x0, 0), min(x1, nx - 1)
-        if round(y1) <= round(y0) or round(x1) <= round(x0):
+        z, y0, x0, y1, x1 = (_voxel(c) for c in (z, y0, x0, y1, x1))
+        if y1 <= y0 or x1 <= x0:
             raise PromptError(f"the box (y {y0:g}..{y1:g}, x {x0:g}..{x1:g}) has no area; draw a box at least "
                               "two voxels wide and high")
-        return SliceBox(int(round(z)), int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
+        return SliceBox(z, y0, x0, y1, x1)
 
     # -- passes -------------------------------------------------------------------------------------------------
     def _roi_features(self, frame: Frame) -> tuple[ImageFeatures, bool]:

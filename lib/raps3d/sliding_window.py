@@ -12,22 +12,23 @@ from .geometry import Box, Frame, logits_to_box
 from .predictor import InteractiveObject, Prompts
 
 
-def _starts(lo: int, hi: int, window: int, overlap: float) -> list[int]:
+def _starts(lo: int, hi: int, window: int, overlap: float, size: int) -> list[int]:
     if hi - lo <= window:
-        return [lo]
+        return [max(0, min(lo, size - window))]  # a whole window inside the volume, where the volume holds one
     step = max(int(window * (1 - overlap)), 1)
     starts = list(range(lo, hi - window, step)) + [hi - window]
     return sorted(set(starts))
 
 
 def sliding_window_zoom_in(obj: InteractiveObject, prompts: Prompts, roi: Box, overlap: float = 0.25) -> np.ndarray:
-    """Mask (uint8, over ``roi``) from windows at native resolution; windows larger than the volume are clipped."""
+    """Mask (uint8, over ``roi``) from windows at native resolution, moved inside the volume where it holds them
+    (windows larger than the volume are clipped)."""
     engine, image = obj.engine, obj.image
     window = engine.config.input_shape
     coords, labels = prompts.coords_labels()
     acc = torch.zeros(roi.size)
     count = torch.zeros(roi.size)
-    ranges = [_starts(a, b, w, overlap) for a, b, w in zip(roi.start, roi.stop, window)]
+    ranges = [_starts(a, b, w, overlap, n) for a, b, w, n in zip(roi.start, roi.stop, window, image.shape)]
     for start in itertools.product(*ranges):
         stop = tuple(min(s + w, n) for s, w, n in zip(start, window, image.shape))
         box = Box(tuple(start), stop)
