@@ -143,7 +143,10 @@ class Server:
     def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
         """Until the server's log holds ``text`` (MONAI Label logs a request as it starts on it)."""
         deadline = time.monotonic() + timeout
-        while text not in self.log.read_text(errors="replace") and time.monotonic() < deadline:
+        while text not in self.log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                pytest.fail(f"the server's log did not show {text!r} within {timeout:g} s; its end:\n{tail}")
             time.sleep(0.01)
 
     def info_while(self, request, started: str) -> tuple:

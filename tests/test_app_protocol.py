@@ -50,7 +50,7 @@ def test_clicks_then_an_edit_inside_the_roi_reuses_the_cached_session(server):
     edit = server.infer_ok(IMAGE, {**base, "foreground": [CLICK], "background": [inside]}).json()
     assert edit["cache"] == "edit"
     assert edit["cache_hit"] is True  # decoder only: no encoder pass
-    assert edit["timings"]["model_encode"] < 0.01
+    assert edit["timings"]["model_encode"] == 0.0  # no encoder pass ran
     assert edit["prompts"] == {"foreground": 1, "background": 1}
 
     again = server.infer_ok(IMAGE, {**base, "foreground": [CLICK], "background": [inside]}).json()

@@ -109,14 +109,20 @@ def test_a_box_poking_out_of_the_slice_is_clipped():
     assert (box.i0, box.j0, box.i1, box.j1) == (0, 10, 159, 20)
 
 
-@pytest.mark.parametrize("params", [
-    {"foreground": [[1, 2, 3, 4]]}, {"foreground": [[True, 2, 3]]}, {"foreground": [[float("nan"), 2, 3]]},
-    {"foreground": [[160, 0, 0]]}, {"roi": [0, 10, 0, 10, 60, 70]}, {"box": {"slice": 1}},
-    {"foreground": [[10**400, 2, 3]]}, {"roi": [0, 10, 0, 10, 0, 10**400]},  # too large for a float
+@pytest.mark.parametrize("params,fragment", [
+    ({"foreground": [[1, 2, 3, 4]]}, "must be three numbers [i, j, k]"),
+    ({"foreground": [[True, 2, 3]]}, "coordinate must be a number, got True"),
+    ({"foreground": [[float("nan"), 2, 3]]}, "coordinate must be finite, got nan"),
+    ({"foreground": [[160, 0, 0]]}, "[160, 0, 0] lies outside the image of size [160, 128, 48]"),
+    ({"roi": [0, 10, 0, 10, 60, 70]}, "slices k 60..70 lie outside the image's 48 slices"),
+    ({"box": {"slice": 1}}, "'box' must be {\"slice\": k"),
+    ({"foreground": [[10**400, 2, 3]]}, "coordinate must be finite"),  # too large for a float
+    ({"roi": [0, 10, 0, 10, 0, 10**400]}, "an roi coordinate must be finite"),
 ])
-def test_malformed_prompts_raise(params):
-    with pytest.raises(PromptFormatError):
+def test_malformed_prompts_raise(params, fragment):
+    with pytest.raises(PromptFormatError) as raised:
         parse_prompts(params, SIZE)
+    assert fragment in str(raised.value)
 
 
 # -- label writers ----------------------------------------------------------------------------------------------------
@@ -914,7 +920,8 @@ def test_idle_sessions_are_dropped_while_no_request_comes(tmp_path):
     # Idle for 6 s: long enough that a first click on a busy machine (a few seconds) is not idle time itself.
     options = AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt", device="cpu",
                          idle_seconds=6.0)
-    store = ModelService(options).store()
+    service = ModelService(options)  # the sweeper runs while the service lives
+    store = service.store()
     image = store.image("img", lambda: (_volume(), (1.0, 1.0, 1.0)))
     store.new_object(("client", "img", "liver"), image).add_point((12, 24, 28))
     assert store.stats()["images"] == 1 and store.stats()["objects"] == 1
@@ -922,6 +929,22 @@ def test_idle_sessions_are_dropped_while_no_request_comes(tmp_path):
     while time.monotonic() < deadline and store.stats()["images"]:  # stats() itself expires nothing
         time.sleep(0.1)
     assert store.stats() == {"images": 0, "objects": 0, "image_bytes": 0}
+
+
+def test_a_model_service_that_is_gone_leaves_no_sweeper_holding_its_model(tmp_path):
+    import gc
+    import weakref
+
+    options = AppOptions(model_path=tmp_path / "absent.pt", trained_model_path=tmp_path / "tuned.pt", device="cpu",
+                         idle_seconds=2.0)
+    service = ModelService(options)
+    model = weakref.ref(service.engine().model)
+    sweeper = service._sweeper
+    del service
+    gc.collect()
+    assert model() is None
+    sweeper.join(10)  # it wakes every 0.5 s
+    assert not sweeper.is_alive()
 
 
 def test_model_service_reports_an_unreadable_checkpoint(tmp_path):

@@ -49,7 +49,7 @@ def test_edit_inside_roi_reuses_features_and_outside_expands(ct):
     first = obj.add_point((56, 50, 60))
     inside = obj.add_point((57, 52, 61), positive=False)
     assert inside.cache_hit and inside.roi == first.roi
-    assert inside.timings["encode"] < 0.01
+    assert inside.timings["encode"] == 0.0  # no encoder pass ran
     far = (5, 95, 118)
     assert not first.roi.contains(far)
     outside = obj.add_point(far)

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -111,6 +112,18 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def _sweep(service_ref: "weakref.ref[ModelService]", interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        service = service_ref()
+        if service is None:
+            return
+        store, service = service._store, None
+        if store is not None and store.expire():
+            _release_free_memory()
+        store = None  # a store the service has dropped (a new model) is not kept alive while sleeping
 
 
 class ModelService:
@@ -220,19 +233,12 @@ class ModelService:
 
     def _start_sweeper(self) -> None:
         """A daemon thread that expires idle sessions while no request comes, and hands the freed memory back to
-        the system (the C allocator keeps it otherwise)."""
+        the system (the C allocator keeps it otherwise). It holds the service weakly, and ends when it is gone."""
         if self._sweeper is not None:
             return
         interval = min(60.0, self.options.idle_seconds / 4)
-
-        def sweep():
-            while True:
-                time.sleep(interval)
-                store = self._store
-                if store is not None and store.expire():
-                    _release_free_memory()
-
-        self._sweeper = threading.Thread(target=sweep, name="raps3d-session-sweeper", daemon=True)
+        self._sweeper = threading.Thread(target=_sweep, args=(weakref.ref(self), interval),
+                                         name="raps3d-session-sweeper", daemon=True)
         self._sweeper.start()
 
     def status(self) -> ModelStatus:
