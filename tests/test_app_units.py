@@ -1187,26 +1187,73 @@ def test_the_train_task_keeps_each_label_as_its_bounding_box_and_wide_images_as_
         assert np.array_equal(case.structures[f"label_{value}"].full(), label[::-1] == value)
 
 
-def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeypatch):
-    import errno
-    import json
-
+def _small_datastore(folder, labelled: bool = True):
+    """A local datastore of one small CT, with a 'final' label unless told otherwise."""
     from monailabel.datastore.local import LocalDatastore
 
-    import lib.trainers.raps3d as trainer
-
-    studies = tmp_path / "studies"
+    studies = folder / "studies"
     studies.mkdir()
     volume = np.full((24, 48, 48), -1000, np.int16)
     volume[4:20, 10:40, 10:40] = 40
     label = np.zeros(volume.shape, np.uint8)
     label[8:16, 16:32, 16:30] = 1
     sitk.WriteImage(sitk.GetImageFromArray(volume), str(studies / "ct_01.nii.gz"))
-    sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "label.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "label.nii.gz"))
     datastore = LocalDatastore(str(studies))
-    datastore.save_label("ct_01", str(tmp_path / "label.nii.gz"), "final", {})
-    task = trainer.Raps3DTrain(AppOptions(model_path=tmp_path / "absent.pt", device="cpu", torch_threads=2,
-                                          trained_model_path=tmp_path / "model" / "tuned.pt"))
+    if labelled:
+        datastore.save_label("ct_01", str(folder / "label.nii.gz"), "final", {})
+    return datastore
+
+
+def _small_train_task(folder):
+    import lib.trainers.raps3d as trainer
+
+    return trainer.Raps3DTrain(AppOptions(model_path=folder / "absent.pt", device="cpu", torch_threads=2,
+                                          trained_model_path=folder / "model" / "tuned.pt"))
+
+
+def test_a_run_that_diverges_publishes_nothing_and_says_so(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import lib.trainers.raps3d as trainer
+
+    datastore, task = _small_datastore(tmp_path), _small_train_task(tmp_path)
+    fit = trainer._fit
+
+    def fit_that_diverges(*args):
+        fit(*args)
+        model, meta = trainer.load_model(task._scratch)
+        with torch.no_grad():
+            next(model.mask_decoder.parameters()).fill_(float("nan"))
+        trainer.save_model(model, task._scratch, meta, half=False)
+
+    monkeypatch.setattr(trainer, "_fit", fit_that_diverges)
+    with pytest.raises(ValueError, match=r"training diverged \(weights or validation Dice not finite\)"):
+        task({"steps": 1, "batch_size": 1, "publish": "always"}, datastore)
+    stats = json.loads(task.stats_path.read_text())
+    assert stats["status"] == "FAILED" and "training diverged" in stats["error"]
+    assert stats["message"] == "training failed; the served model is unchanged"
+    assert not task.publish_path.exists() and not task._scratch.exists()
+
+
+def test_a_run_without_labels_says_so(tmp_path):
+    import json
+
+    datastore, task = _small_datastore(tmp_path, labelled=False), _small_train_task(tmp_path)
+    with pytest.raises(ValueError, match="no image has a saved 'final' label to train on"):
+        task({"steps": 1, "batch_size": 1}, datastore)
+    assert json.loads(task.stats_path.read_text())["status"] == "FAILED" and not task.publish_path.exists()
+
+
+def test_a_run_that_fills_the_disk_still_records_why_it_failed(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    import lib.trainers.raps3d as trainer
+
+    datastore, task = _small_datastore(tmp_path), _small_train_task(tmp_path)
     save_model, write_json = trainer.save_model, trainer._write_json
 
     def publish_on_a_full_disk(model, path, *args, **kwargs):
