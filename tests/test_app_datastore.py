@@ -66,6 +66,26 @@ def test_an_inferred_label_is_saved_only_under_a_plain_tag(server):
     assert not (server.studies / "labels" / "../../escaped").exists()
 
 
+def test_an_inferred_label_saved_under_a_tag_is_the_reply_on_the_images_grid(server):
+    import numpy as np
+    import SimpleITK as sitk
+
+    params = {"foreground": [CLICK], "client_id": "saves-labels", "result_extension": ".nrrd"}
+    r = server.infer_ok(IMAGE, {**params, "save_label": True, "label_tag": "interactive"}, output="image")
+    reply, _ = server.nrrd_label(r.content)
+    try:
+        saved = sitk.ReadImage(str(next((server.studies / "labels" / "interactive").glob(f"{IMAGE}.*"))))
+        image = sitk.ReadImage(str(server.image_path(IMAGE)))
+        assert saved.GetSize() == image.GetSize()
+        for a, b in ((saved.GetOrigin(), image.GetOrigin()), (saved.GetSpacing(), image.GetSpacing()),
+                     (saved.GetDirection(), image.GetDirection())):
+            assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+        voxels = sitk.GetArrayFromImage(saved).transpose(2, 1, 0)  # [i, j, k], as the reply
+        assert voxels.any() and np.array_equal(voxels > 0, reply > 0)
+    finally:
+        requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "interactive"}, timeout=60)
+
+
 @pytest.mark.parametrize("query,detail", [
     ({"image": IMAGE, "tag": "../../escaped"}, "the label tag must be a plain name"),
     ({"image": IMAGE, "tag": "final/../../../escaped"}, "the label tag must be a plain name"),
