@@ -338,6 +338,26 @@ def test_reset_with_prompts_starts_the_object_anew_from_them(server):
     assert r.status_code == 409 and "nothing to undo" in r.json()["detail"]
 
 
+def test_segments_that_name_no_object_keep_their_sessions_apart(server):
+    """OHIF's point prompts send each segment's clicks and no label: switching to another segment and back edits
+    the first segment's session (its first click tells it apart) instead of rebuilding it."""
+    base = {"client_id": "unnamed-segments"}
+    a = [CLICK, [84, 60, 24], [76, 70, 26]]
+    b = [[40, 70, 20]]
+    server.infer_ok(IMAGE, {**base, "foreground": a[:1]})
+    two, reply = _label(server, IMAGE, {**base, "foreground": a[:2]})
+    assert reply["cache"] == "edit" and reply["label_names"] == {"object": 1}
+    other = server.infer_ok(IMAGE, {**base, "foreground": b}).json()
+    assert other["cache"] == "new_object" and other["label"] == "object"
+    three, reply = _label(server, IMAGE, {**base, "foreground": a})
+    assert reply["cache"] == "edit" and reply["timings"]["model_encode"] == 0.0
+    undone, reply = _label(server, IMAGE, {**base, "undo": True})  # the latest segment's last click
+    assert reply["cache"] == "undo" and reply["prompts"] == {"foreground": 2, "background": 0}
+    np.testing.assert_array_equal(undone, two)
+    fresh, _ = _label(server, IMAGE, {"client_id": "unnamed-fresh", "foreground": a})
+    np.testing.assert_array_equal(three, fresh)
+
+
 def test_session_is_taken_as_the_client_id(server):
     base = {"label": "alias", "foreground": [CLICK]}
     reply = server.infer_ok(IMAGE, {**base, "session": "by-session-name"}).json()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from typing import Any
+from typing import Any, Hashable
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -25,12 +26,13 @@ from ..images import GeometryCache, ImageReadError, image_key, read_for_model
 from ..infer_route import UPLOADED_PARAM
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService, ModelStatus
-from ..prompts import PromptFormatError, parse_prompts
+from ..prompts import PromptFormatError, PromptSet, parse_prompts
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIENT = "default"
 DEFAULT_LABEL = "object"
+MAX_REMEMBERED_CLIENTS = 1024  # (client, image) pairs whose latest unnamed object an undo goes to
 LABEL_VALUE = 1  # the library's masks are 0/1; label_names maps the label's name to 1
 
 DESCRIPTION = ("Raps-3D interactive 3D CT segmentation (class-agnostic): foreground/background points [i, j, k], "
@@ -58,6 +60,12 @@ def client_of(request: dict) -> str:
     return DEFAULT_CLIENT
 
 
+def label_named(request: dict) -> bool:
+    """Whether the request names its object (3D Slicer sends the segment's name; OHIF's point prompts do not)."""
+    label = request.get("label")
+    return label is not None and str(label).strip() != ""
+
+
 def label_of(request: dict) -> str:
     label = request.get("label")
     if label is None or label == "":
@@ -80,6 +88,8 @@ class Raps3DInfer(InferTask):
         self.service = service
         self.result_dir = result_dir
         self.geometries = GeometryCache()
+        self._latest_unnamed: dict[tuple, str] = {}  # (client, image) -> the session key of its latest object
+        self._unnamed_lock = threading.Lock()
 
     def is_valid(self) -> bool:
         return True  # without a checkpoint an untrained model runs (and /info says so)
@@ -110,6 +120,23 @@ class Raps3DInfer(InferTask):
                 detail = detail.replace(repr(os.path.basename(path)), "the uploaded file")
             raise HTTPException(status_code=422, detail=detail) from None
 
+    def _unnamed_object(self, client: str, image: Hashable, prompts: PromptSet, latest: bool) -> str:
+        """The session of a request that names no object (OHIF's point prompts send each segment's clicks, and no
+        label). Such an object is known by its first prompt, which a segment's clicks always start with: switching
+        between segments then edits each one's session instead of rebuilding it. ``latest``: an undo or a reset
+        without prompts, which go to the client's latest such object on the image."""
+        first = (prompts.box.to_library() if prompts.box is not None
+                 else next((p for p in prompts.points if p[1]), None))
+        with self._unnamed_lock:
+            if latest or first is None:  # (a request without a first prompt is refused)
+                return self._latest_unnamed.get((client, image), DEFAULT_LABEL)
+            key = f"{DEFAULT_LABEL} (first prompt {first})"  # a name for messages too
+            self._latest_unnamed.pop((client, image), None)
+            self._latest_unnamed[(client, image)] = key
+            while len(self._latest_unnamed) > MAX_REMEMBERED_CLIENTS:
+                self._latest_unnamed.pop(next(iter(self._latest_unnamed)))
+            return key
+
     def _open(self, store: raps3d.SessionStore, path: str, uploaded: bool):
         key = image_key(path, by_content=uploaded)
 
@@ -139,7 +166,8 @@ class Raps3DInfer(InferTask):
         # The session's image is in the model's orientation; prompts are mapped there, replies back to the file's.
         orientation = geometry.orientation
         prompts = parse_prompts(request, geometry.size, orientation)  # checked before anything changes
-        key = (client, image_key_, label)
+        key = (client, image_key_, label if label_named(request) else
+               self._unnamed_object(client, image_key_, prompts, do_undo or (do_reset and prompts.empty)))
         if not do_undo and not prompts.empty and prompts.box is None and not any(pos for _, pos in prompts.points):
             # Every request carries all of an object's prompts, so this one could never start it: refused before a
             # reset or anything else changes.
