@@ -596,3 +596,35 @@ def test_active_learning_sets_aside_a_series_that_cannot_be_fetched_and_hands_ou
     finally:  # the other tests share this server and count its series
         for study in orthanc.find("Study", {"StudyInstanceUID": study_uid}):
             orthanc.request("DELETE", f"/studies/{study}")
+
+
+def test_a_pacs_that_goes_away_gets_a_502_that_says_so(tmp_path):
+    """The PACS stops while the server runs (a restart, a network cut): a click on a series not fetched yet, the
+    viewer's images through the proxy and a hand-out each get a 502 naming the DICOMweb server, not a bare 500."""
+    from conftest import running_server
+    from dicomweb_fixtures import running_orthanc, upload_folder
+
+    pacs = running_orthanc(tmp_path / "pacs")
+    orthanc = pacs.__enter__()
+    stopped = False
+    try:
+        series = upload_folder(orthanc, "phantom", ROOT / "sample-data" / "dicom" / "phantom_01")
+        env = {"MONAI_LABEL_DICOMWEB_USERNAME": orthanc.auth[0], "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.auth[1],
+               "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+        (tmp_path / "server").mkdir()
+        with running_server(tmp_path / "server", orthanc.dicomweb, tmp_path / "no-checkpoint-here.pt",
+                            extra_env=env) as srv:
+            pacs.__exit__(None, None, None)
+            stopped = True
+            click = srv.infer(series.series_uid, {"foreground": [[80, 64, 24]]})
+            assert click.status_code == 502, click.text
+            assert click.json()["detail"].startswith("the DICOMweb server cannot be reached"), click.text
+            proxied = requests.get(f"{srv.url}/proxy/dicom/qido/studies", timeout=60)
+            assert proxied.status_code == 502 and proxied.json()["detail"].startswith("DICOMweb server: "), proxied.text
+            hand_out = requests.post(f"{srv.url}/activelearning/raps3d_uncertain", json={"client_id": "a"},
+                                     timeout=120)
+            assert hand_out.status_code == 502, hand_out.text
+            assert hand_out.json()["detail"].startswith("the DICOMweb server cannot be reached"), hand_out.text
+    finally:
+        if not stopped:
+            pacs.__exit__(None, None, None)

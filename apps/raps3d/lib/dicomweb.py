@@ -211,6 +211,9 @@ def expose_dcmqi_tools() -> str | None:
     return None
 
 
+PACS_ATTEMPTS = 2  # tries of each DICOMweb request
+
+
 def make_datastore(studies: str) -> DICOMWebDatastore:
     """MONAI Label's DICOMweb datastore over ``studies``, with the same settings MONAI Label reads, and a client that
     retrieves series as stored. Downloads nothing."""
@@ -226,6 +229,9 @@ def make_datastore(studies: str) -> DICOMWebDatastore:
     client = StoredSyntaxClient(url=studies, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    # dicomweb-client retries every failed request 5 times, waiting 2, 4, 8 and 16 s: a click on a series while the
+    # PACS is down waited 30 s for its 502. One retry after half a second still rides out a dropped connection.
+    client.set_http_retry_params(retry=True, max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=250)
     cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     return Raps3DDICOMWebDatastore(client=client, search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
                                    cache_path=cache_path or None,
