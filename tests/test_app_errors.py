@@ -41,6 +41,18 @@ def test_unknown_image_is_404(server):
     assert r.json()["detail"] == "image 'no_such_image' is not in the datastore"
 
 
+def test_a_request_without_an_image_is_400_saying_how_to_give_one(server):
+    r = server.infer("", {"foreground": [CLICK]})
+    assert r.status_code == 400 and r.json()["detail"].startswith("no image: name one of the datastore's images")
+    import json
+
+    import requests
+
+    r = requests.post(f"{server.url}/infer/raps3d", params={"session_id": "gone"},
+                      data={"params": json.dumps({"foreground": [CLICK]})}, timeout=60)
+    assert r.status_code == 400 and "(session 'gone' is not one)" in r.json()["detail"], r.text
+
+
 @pytest.mark.parametrize("image_id,fragment", [
     ("corrupt", "cannot read 'corrupt.nii.gz' as an image"),
     ("flat2d", "the image is 2D"),

@@ -673,6 +673,13 @@ def test_options_from_conf_then_environment_then_defaults():
         AppOptions.from_conf({"result_dir": "/nonexistent/folder"}, {})
 
 
+def test_a_conf_key_that_is_no_option_is_named_in_a_warning(caplog):
+    opts = AppOptions.from_conf({"devcie": "cpu", "max_images": "3"}, {})
+    assert opts.max_images == 3 and opts.device == "auto"
+    assert "--conf 'devcie' is not one of the app's options (bf16, device," in caplog.text
+    assert "max_images" not in caplog.text.split("options (")[0]
+
+
 # -- DICOMweb errors --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("error, status, detail", [
     (OSError(28, "No space left on device"), 507,

@@ -85,6 +85,10 @@ def raps3d_infer(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     session = live_session(session_id)
+    if not image and file is None and not session:  # MONAI Label: a bare 500
+        raise HTTPException(status_code=400, detail=(
+            f"no image: name one of the datastore's images (?image=<id>), upload one (a 'file' field), or give a "
+            f"live 'session_id'" + (f" (session {session_id[:100]!r} is not one)" if session_id else "")))
     # With a live session MONAI Label segments the session's image, even when a file comes too.
     params = checked_params(params, image, file is not None and not session)
     if file is None:

@@ -3,10 +3,11 @@ else defaults. Parsed once, when the app object is built, so a typo fails at sta
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 # apps/raps3d/lib/options.py -> the repository root is three folders up from lib/.
@@ -20,6 +21,8 @@ DEFAULT_TRAINED_MODEL_PATH = APP_DIR / "model" / "raps3d_finetuned.pt"
 DEFAULT_LABELS = ("liver", "spleen", "right_kidney", "left_kidney", "aorta")
 
 ENV_PREFIX = "RAPS3D_"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class AppOptions:
     def from_conf(conf: dict | None, environ: dict | None = None) -> "AppOptions":
         conf = dict(conf or {})
         environ = os.environ if environ is None else environ
+        known = {f.name for f in fields(AppOptions)}
+        for key in sorted(set(conf) - known):  # a typo would otherwise be ignored without a word
+            logger.warning(f"Raps-3D: --conf {key!r} is not one of the app's options ({', '.join(sorted(known))}); "
+                           "the app ignores it (MONAI Label may read it)")
 
         def raw(key: str) -> str | None:
             if key in conf and conf[key] is not None and str(conf[key]) != "":
