@@ -82,8 +82,29 @@ def test_an_inferred_label_saved_under_a_tag_is_the_reply_on_the_images_grid(ser
             assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
         voxels = sitk.GetArrayFromImage(saved).transpose(2, 1, 0)  # [i, j, k], as the reply
         assert voxels.any() and np.array_equal(voxels > 0, reply > 0)
+        # Saved again as another file type: the earlier file goes (MONAI Label kept both, and brought the earlier
+        # one back once the label was removed).
+        server.infer_ok(IMAGE, {**params, "result_extension": ".nii.gz", "save_label": True,
+                                "label_tag": "interactive", "foreground": [CLICK, [84, 60, 24]]})
+        files = sorted(p.name for p in (server.studies / "labels" / "interactive").glob(f"{IMAGE}.*"))
+        assert files == [f"{IMAGE}.nii.gz"], files
     finally:
-        requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "interactive"}, timeout=60)
+        gone = requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "interactive"}, timeout=60)
+        assert gone.status_code == 200, gone.text
+        assert labels_when_settled(server, IMAGE, "interactive", timeout=0) == {}  # at once: a tag made since start
+
+
+def labels_when_settled(server, image_id: str, removed_tag: str, timeout: float = 30.0) -> dict:
+    """The image's labels in the index once it shows ``removed_tag`` gone (it follows the file's removal)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+        labels = objects[image_id]["labels"]
+        if removed_tag not in labels or time.monotonic() > deadline:
+            return labels
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("query,detail", [
@@ -367,12 +388,7 @@ def test_an_image_id_keeps_its_image_and_its_labels(server):
 
         assert requests.delete(f"{server.url}/datastore/label", params={"id": "kept_ct", "tag": "final"},
                                timeout=60).status_code == 200
-        import time
-
-        deadline = time.monotonic() + 30  # the index follows the file's removal
-        while "final" in labels() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "final" not in labels()  # no earlier file type of it comes back
+        assert "final" not in labels_when_settled(server, "kept_ct", "final")  # no earlier file type comes back
         assert not list((server.studies / "labels" / "final").glob("kept_ct.*"))
     finally:
         assert requests.delete(listing, params={"id": "kept_ct"}, timeout=60).status_code == 200

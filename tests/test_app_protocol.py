@@ -357,6 +357,24 @@ def test_segments_that_name_no_object_keep_their_sessions_apart(server):
     np.testing.assert_array_equal(three, fresh)
 
 
+def test_a_client_keeps_a_bounded_number_of_unnamed_objects_per_image(server):
+    import sys
+
+    from conftest import APP_DIR
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.infers.raps3d import MAX_UNNAMED_OBJECTS
+
+    base = {"client_id": "many-unnamed"}
+    firsts = [[60 + 4 * n, 50 + 3 * (n % 4), 24] for n in range(MAX_UNNAMED_OBJECTS + 1)]
+    for first in firsts:
+        assert server.infer_ok(IMAGE, {**base, "foreground": [first]}).json()["cache"] == "new_object"
+    # The latest MAX_UNNAMED_OBJECTS are kept; the oldest was dropped, so its click is a new object again.
+    assert server.infer_ok(IMAGE, {**base, "foreground": [firsts[1]]}).json()["cache"] == "repeat"
+    assert server.infer_ok(IMAGE, {**base, "foreground": [firsts[0]]}).json()["cache"] == "new_object"
+
+
 def test_session_is_taken_as_the_client_id(server):
     base = {"label": "alias", "foreground": [CLICK]}
     reply = server.infer_ok(IMAGE, {**base, "session": "by-session-name"}).json()

@@ -84,7 +84,13 @@ class Raps3DApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):
             dicomweb.fetch_series(store, image)  # fetched and converted once; errors as clear HTTP errors
-        return super().infer(request, datastore)
+        result = super().infer(request, datastore)
+        if (request.get("save_label") and isinstance(image, str) and image and not os.path.exists(image)
+                and not isinstance(store, DICOMWebDatastore)):  # MONAI Label saved it as the reply's file type
+            saved = store.get_label_uri(image, request.get("label_tag", "original"))
+            if saved:
+                datastore_route.remove_other_label_files(saved, image)
+        return result
 
     def infer_wsi(self, request, datastore=None):
         # MONAI Label's whole-slide routes (/infer/wsi, /infer/wsi_v2) would pass any path or params to the infer

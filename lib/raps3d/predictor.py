@@ -13,6 +13,7 @@ nothing: the mask is zero there already.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -227,7 +228,22 @@ class InteractiveObject:
                 state = self._edit(old, prompts, new_points)
             self._history.append(old.without_mask())
             self._state = state
+            # Idle time counts from the end of an interaction: a slow first prediction is not idle time.
+            self.last_used = self.image.last_used = time.monotonic()
             return state.result
+
+    @contextlib.contextmanager
+    def all_or_nothing(self):
+        """Interactions made inside either all stay, or (when one raises) none does: the state and the undo history
+        are put back as they were (undoing the steps would not bring back what a full history dropped)."""
+        with self.lock:
+            state, history = self._state, list(self._history)
+            try:
+                yield self
+            except BaseException:
+                self._state = state
+                self._history = deque(history, maxlen=UNDO_STEPS)
+                raise
 
     def undo(self) -> Result | None:
         """Back to the state before the last interaction; returns its result (None when nothing is left)."""

@@ -7,6 +7,7 @@ for longer than ``idle_seconds`` is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ class SessionStore:
         self._objects: OrderedDict[ObjectKey, InteractiveObject] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[Hashable, threading.Lock] = {}
+        self._key_locks: dict[ObjectKey, list] = {}  # key -> [lock, number of holders and waiters]
 
     # -- images ---------------------------------------------------------------------------------------------------
     def image(self, image_key: Hashable, loader: Callable[[], tuple[np.ndarray, tuple]] | None = None) -> ImageState:
@@ -87,6 +89,22 @@ class SessionStore:
             else:
                 self._objects.pop(key, None)
         return obj
+
+    @contextlib.contextmanager
+    def key_lock(self, key: ObjectKey):
+        """Serialises what requests do to one key: a request that arrives while another builds the key's object waits
+        for it (and can then edit it) instead of building a second one."""
+        with self._lock:
+            entry = self._key_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._key_locks.pop(key, None)
 
     def get_object(self, key: ObjectKey) -> InteractiveObject:
         with self._lock:

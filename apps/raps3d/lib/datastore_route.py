@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.endpoints.datastore import add_image, remove_image, remove_label, save_label
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -75,6 +76,11 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
         raise HTTPException(status_code=409, detail=(
             f"the datastore already holds another image with the id {image_id[:200]!r}: upload this one under "
             "another id, or remove that image first (DELETE /datastore/image, which removes its labels too)"))
+    # Looked up again, with no await until it is added: another upload of this id may have come first meanwhile.
+    if image_id and not isinstance(store, DICOMWebDatastore) and store.get_image_uri(image_id):
+        raise HTTPException(status_code=409, detail=(
+            f"another upload added an image with the id {image_id[:200]!r} while this one was checked: send it "
+            "again (the same image is then accepted as it is)"))
     try:
         return add_image(background_tasks, image, params, file, user.username)
     except BaseException:
@@ -133,7 +139,13 @@ async def raps3d_remove_image(id: str, user: User = Depends(RBAC(settings.MONAI_
 async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
     check_plain_name(id, "the image id")
     check_plain_name(tag, "the label tag")
-    return remove_label(id, tag, user.username)
+    removed = remove_label(id, tag, user.username)
+    store = app_instance().datastore()
+    if isinstance(store, LocalDatastore) and not isinstance(store, DICOMWebDatastore):
+        # MONAI Label leaves the index to its file watcher, which watches only the tag folders there were at start:
+        # a label of a tag made since (an infer request's label_tag) stayed listed once its file was gone.
+        store.refresh()
+    return removed
 
 
 @contextlib.contextmanager
@@ -177,7 +189,9 @@ def check_image(image: UploadFile, existing: str = "") -> bool:
             raise _refused(e, copy, name, "the image cannot be added") from None
     if not existing:
         return False
-    try:
+    try:  # the grid first, from the header: the stored voxels are read only when it matches
+        if not same_grid(geometry, read_geometry(existing)):
+            return False
         stored, stored_geometry = read_image(existing)
     except ImageReadError:
         return False  # the stored file no longer reads: not the same image

@@ -85,31 +85,27 @@ def _new_object(store: raps3d.SessionStore, key, image: raps3d.ImageState, promp
 
 def _edit(obj: raps3d.InteractiveObject, added: list) -> Outcome:
     """The new points one per step, as a new object replays them: the mask then does not depend on how many clicks
-    a viewer sent per request, and undo goes back one click at a time. All or nothing: a failed step is undone with
-    those before it."""
+    a viewer sent per request, and undo goes back one click at a time. All or nothing: when a step fails, the object
+    is as it was before the first."""
     timings: dict = {}
-    done, reused = 0, True
-    try:
+    reused = True
+    with obj.all_or_nothing():
         for point in added:
             result = obj.interact(points=[point])
-            done += 1
             reused = reused and result.cache_hit
             _add_up(timings, result.timings)
-    except BaseException:
-        for _ in range(done):
-            obj.undo()
-        raise
-    return Outcome(result, "edit", reused, {**timings, "steps": done} if done > 1 else None, obj.prompts)
+    return Outcome(result, "edit", reused, {**timings, "steps": len(added)} if len(added) > 1 else None, obj.prompts)
 
 
 def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Hashable], image: raps3d.ImageState,
                   prompts: PromptSet) -> Outcome:
-    obj = store.find_object(key)
-    if obj is not None and obj.image is image:
+    # One request at a time per key: a click that arrives while the one before still builds the object waits for
+    # it and edits it, instead of building the object a second time.
+    with store.key_lock(key):
+        obj = store.find_object(key)
+        if obj is None or obj.image is not image:
+            return _new_object(store, key, image, prompts)
         with obj.lock:
-            if store.find_object(key) is not obj:
-                # Replaced or dropped while this request waited (a replay that failed halfway, say): not a session.
-                return _new_object(store, key, image, prompts)
             current = obj.prompts
             if obj.result is not None and prompts.matches(current):
                 return Outcome(obj.result, "repeat", True, None, current)
@@ -132,19 +128,23 @@ def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Has
                     result = obj.undo()
                     if result is not None:
                         return Outcome(result, "undo", True, None, obj.prompts)
-    return _new_object(store, key, image, prompts)
+        return _new_object(store, key, image, prompts)
 
 
-def undo(store: raps3d.SessionStore, key, image: raps3d.ImageState) -> Outcome:
-    """An explicit undo: raises SessionError when there is no session, PromptError when nothing is left to undo."""
-    obj = store.find_object(key)
-    if obj is None or obj.image is not image:
-        raise raps3d.SessionError(f"nothing to undo: client {key[0]!r} has no session for label {key[2]!r} on this "
-                                  "image (never started, reset, or expired); start with a first prompt")
-    result = obj.undo()
-    return Outcome(result, "undo", True, None, obj.prompts)
+def undo(store: raps3d.SessionStore, key, image: raps3d.ImageState, name: str | None = None) -> Outcome:
+    """An explicit undo: raises SessionError when there is no session, PromptError when nothing is left to undo.
+    ``name``: the object's name in messages (the key's by default)."""
+    with store.key_lock(key):
+        obj = store.find_object(key)
+        if obj is None or obj.image is not image:
+            raise raps3d.SessionError(f"nothing to undo: client {key[0]!r} has no session for label "
+                                      f"{(name if name is not None else key[2])!r} on this image (never started, "
+                                      "reset, or expired); start with a first prompt")
+        result = obj.undo()
+        return Outcome(result, "undo", True, None, obj.prompts)
 
 
 def reset(store: raps3d.SessionStore, key) -> Outcome:
-    store.drop_object(key)
+    with store.key_lock(key):
+        store.drop_object(key)
     return Outcome(None, "reset", True)

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Hashable
 
 from fastapi import HTTPException
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CLIENT = "default"
 DEFAULT_LABEL = "object"
-MAX_REMEMBERED_CLIENTS = 1024  # (client, image) pairs whose latest unnamed object an undo goes to
+MAX_REMEMBERED_CLIENTS = 1024  # (client, image) pairs whose unnamed objects are remembered
+MAX_UNNAMED_OBJECTS = 8  # unnamed objects kept per client and image
 LABEL_VALUE = 1  # the library's masks are 0/1; label_names maps the label's name to 1
 
 DESCRIPTION = ("Raps-3D interactive 3D CT segmentation (class-agnostic): foreground/background points [i, j, k], "
@@ -88,7 +90,8 @@ class Raps3DInfer(InferTask):
         self.service = service
         self.result_dir = result_dir
         self.geometries = GeometryCache()
-        self._latest_unnamed: dict[tuple, str] = {}  # (client, image) -> the session key of its latest object
+        # (client, image) -> the session keys of its unnamed objects, latest last
+        self._unnamed: OrderedDict[tuple, OrderedDict] = OrderedDict()
         self._unnamed_lock = threading.Lock()
 
     def is_valid(self) -> bool:
@@ -120,22 +123,34 @@ class Raps3DInfer(InferTask):
                 detail = detail.replace(repr(os.path.basename(path)), "the uploaded file")
             raise HTTPException(status_code=422, detail=detail) from None
 
-    def _unnamed_object(self, client: str, image: Hashable, prompts: PromptSet, latest: bool) -> str:
-        """The session of a request that names no object (OHIF's point prompts send each segment's clicks, and no
-        label). Such an object is known by its first prompt, which a segment's clicks always start with: switching
-        between segments then edits each one's session instead of rebuilding it. ``latest``: an undo or a reset
-        without prompts, which go to the client's latest such object on the image."""
+    def _unnamed_object(self, store: raps3d.SessionStore, client: str, image: Hashable, prompts: PromptSet,
+                        latest: bool) -> str:
+        """The session key of a request that names no object (OHIF's point prompts send each segment's clicks, and
+        no label). Such an object is known by its first prompt, which a segment's clicks always start with:
+        switching between segments then edits each one's session instead of rebuilding it. ``latest``: an undo or a
+        reset without prompts, which go to the client's latest such object on the image. A client keeps at most
+        MAX_UNNAMED_OBJECTS of them per image (the oldest is dropped), so that one annotator clicking afresh again
+        and again does not push other annotators' sessions out of the store."""
         first = (prompts.box.to_library() if prompts.box is not None
                  else next((p for p in prompts.points if p[1]), None))
         with self._unnamed_lock:
+            keys = self._unnamed.get((client, image))
             if latest or first is None:  # (a request without a first prompt is refused)
-                return self._latest_unnamed.get((client, image), DEFAULT_LABEL)
-            key = f"{DEFAULT_LABEL} (first prompt {first})"  # a name for messages too
-            self._latest_unnamed.pop((client, image), None)
-            self._latest_unnamed[(client, image)] = key
-            while len(self._latest_unnamed) > MAX_REMEMBERED_CLIENTS:
-                self._latest_unnamed.pop(next(iter(self._latest_unnamed)))
-            return key
+                return next(reversed(keys)) if keys else DEFAULT_LABEL
+            if keys is None:
+                keys = self._unnamed[(client, image)] = OrderedDict()
+                while len(self._unnamed) > MAX_REMEMBERED_CLIENTS:
+                    self._unnamed.popitem(last=False)
+            self._unnamed.move_to_end((client, image))
+            key = f"{DEFAULT_LABEL} (first prompt {first})"
+            keys[key] = None
+            keys.move_to_end(key)
+            dropped = []
+            while len(keys) > MAX_UNNAMED_OBJECTS:
+                dropped.append(keys.popitem(last=False)[0])
+        for old in dropped:
+            store.drop_object((client, image, old))
+        return key
 
     def _open(self, store: raps3d.SessionStore, path: str, uploaded: bool):
         key = image_key(path, by_content=uploaded)
@@ -167,7 +182,7 @@ class Raps3DInfer(InferTask):
         orientation = geometry.orientation
         prompts = parse_prompts(request, geometry.size, orientation)  # checked before anything changes
         key = (client, image_key_, label if label_named(request) else
-               self._unnamed_object(client, image_key_, prompts, do_undo or (do_reset and prompts.empty)))
+               self._unnamed_object(store, client, image_key_, prompts, do_undo or (do_reset and prompts.empty)))
         if not do_undo and not prompts.empty and prompts.box is None and not any(pos for _, pos in prompts.points):
             # Every request carries all of an object's prompts, so this one could never start it: refused before a
             # reset or anything else changes.
@@ -177,7 +192,7 @@ class Raps3DInfer(InferTask):
         t_interact = time.perf_counter()
         if do_undo:
             try:
-                outcome = interaction.undo(store, key, state)
+                outcome = interaction.undo(store, key, state, name=label)
             except raps3d.PromptError as e:
                 raise HTTPException(status_code=409, detail=str(e)) from None
         elif do_reset:
