@@ -355,3 +355,43 @@ def test_quick_dice_scores_the_mask_the_model_is_most_sure_of():
         pytest.approx(2 * 32 / (32 + 256))
     with pytest.raises(ValueError, match="no validation sample"):
         quick_dice(_FixedMasks(masks, torch.tensor([0.1, 0.9, 0.5])), [])
+
+
+def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(cases, tmp_path):
+    """Samples and clicks come from random streams numbered by the step: stopping and resuming changes nothing."""
+    cfg = TrainConfig(steps=4, batch_size=2, log_every=1, save_every=2, warmup=1)
+    torch.manual_seed(0)
+    whole = build_model("lite")
+    train(whole, cases, tmp_path / "whole.pt", cfg, keep_resume_state=True)
+    torch.manual_seed(0)
+    halves = build_model("lite")
+    stopped = train(halves, cases, tmp_path / "halves.pt", cfg, keep_resume_state=True, should_stop=lambda: True)
+    assert stopped["train_state"]["step"] == 1
+    loaded, meta = load_model(tmp_path / "halves.pt")
+    train(loaded, cases, tmp_path / "halves.pt", cfg, resume=meta["train_state"], keep_resume_state=True)
+    a = torch.load(resume_state_path(tmp_path / "whole.pt"), weights_only=True)["model"]
+    b = torch.load(resume_state_path(tmp_path / "halves.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrective_decodes_see_no_padding_prompts():
+    """Samples with different numbers of prompts (a box's two corners and a point; one that needed no click) are
+    decoded as each would be alone, as the predictor decodes them."""
+    from raps3d.modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE
+    from raps3d.training.train import collate_prompts, decode_by_prompt_count
+
+    torch.manual_seed(0)
+    model = build_model("lite").eval()
+    shape = tuple(model.config.input_shape)
+    with torch.no_grad():
+        features = model.encode(torch.rand(3, 1, *shape))
+        coords = [np.array([[10.0, 40, 40], [20, 80, 90], [15, 60, 60]]), np.array([[16.0, 64, 64]]),
+                  np.array([[12.0, 50, 70], [14, 52, 72]])]
+        labels = [np.array([BOX_MIN, BOX_MAX, NEGATIVE]), np.array([POSITIVE]), np.array([POSITIVE, NEGATIVE])]
+        previous = torch.randn(3, *model.config.mask_shape)
+        logits, iou = decode_by_prompt_count(model, features, coords, labels, previous, "cpu")
+        for i in range(3):
+            c, lab = collate_prompts([coords[i]], [labels[i]])
+            alone = model.decode(features.map(lambda t: t[i:i + 1]), c, lab, previous[i:i + 1, None], False)
+            torch.testing.assert_close(logits[i], alone[0][0])
+            torch.testing.assert_close(iou[i], alone[1][0])

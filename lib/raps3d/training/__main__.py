@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=4)
     p.add_argument("--lr", type=at_least(1e-12, float), default=1e-4)
     p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many cases per dataset")
-    p.add_argument("--val-samples", type=at_least(0), default=48)
+    p.add_argument("--val-samples", type=at_least(0), default=48, help="0: no validation")
     p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--save-every", type=at_least(1), default=100)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (change it when fine-tuning a model again)")
@@ -163,7 +163,8 @@ def main(argv=None) -> None:
                       seed=args.seed, workers=args.workers, mid_zoom_fraction=args.mid_zoom_fraction,
                       bf16=args.bf16, fresh_lr_scale=args.fresh_lr_scale,
                       freeze=tuple(args.freeze))
-    meta = train(model, cases, out, cfg, validate=lambda m: quick_dice(m, val_samples), resume=resume,
+    meta = train(model, cases, out, cfg, validate=(lambda m: quick_dice(m, val_samples)) if val_samples else None,
+                 resume=resume,
                  dataset_weights=weights, meta=meta, keep_resume_state=True, fresh=fresh)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
 

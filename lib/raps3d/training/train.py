@@ -8,6 +8,7 @@ of the first and the last prediction.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -70,14 +71,15 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def prediction_loss(model_out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's rule for several outputs: train only the best one; the IoU head learns every output's real IoU."""
+    """SAM's rule for several outputs: train only the best one; the IoU head learns every output's real IoU.
+    Also returns the output the IoU head picks, as the predictor does: the mask the next click corrects."""
     logits, iou_pred = (x.float() for x in model_out)  # losses in fp32 also under autocast
     t = target[:, None].expand_as(logits).float()
     seg = segmentation_loss(logits, t)
     best = seg.argmin(1)
     rows = torch.arange(len(best))
     iou_loss = F.mse_loss(iou_pred, hard_iou(logits.detach(), t))
-    return seg[rows, best].mean() + iou_loss, logits[rows, best].detach()
+    return seg[rows, best].mean() + iou_loss, logits[rows, iou_pred.detach().argmax(1)].detach()
 
 
 def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, dataset_weights: dict,
@@ -100,17 +102,21 @@ def pick_samples(cases: list[Case], n: int, config, rng: np.random.Generator, da
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    """Endless batches of samples; each worker process draws from its own random stream."""
+    """Endless batches of samples, batch ``first``, ``first + 1``, ... Each batch is drawn from a random stream of
+    its own number, so a run resumed at a step draws the batches the uninterrupted run would have, with or without
+    worker processes (the data loader takes their batches in turn)."""
 
     def __init__(self, cases: list[Case], config, batch_size: int, seed: list[int], dataset_weights: dict,
-                 mid_zoom_fraction: float = 0.0):
+                 mid_zoom_fraction: float = 0.0, first: int = 0):
         self.cases, self.config, self.batch_size = cases, config, batch_size
         self.seed, self.dataset_weights, self.mid_zoom_fraction = seed, dataset_weights, mid_zoom_fraction
+        self.first = first
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([*self.seed, worker.id if worker else 0])
-        while True:
+        index, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        for number in itertools.count(self.first + index, stride):
+            rng = np.random.default_rng([*self.seed, number])
             yield pick_samples(self.cases, self.batch_size, self.config, rng, self.dataset_weights,
                                self.mid_zoom_fraction)
 
@@ -149,6 +155,26 @@ def _click_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="clicks")
 
 
+def decode_by_prompt_count(model: Raps3D, features, coords: list[np.ndarray], labels: list[np.ndarray],
+                           logits_prev: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder pass per group of samples with as many prompts (a box has two corners, a point one; a sample
+    that needed no click has one fewer): padding would add "not a point" tokens that the decoder attends to, which
+    the predictor never sends. Outputs in the samples' order."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(coords):
+        groups.setdefault(len(c), []).append(i)
+    order, logits, iou = [], [], []
+    for idx in groups.values():
+        c, lab = collate_prompts([coords[i] for i in idx], [labels[i] for i in idx])
+        out = model.decode(features.map(lambda t: t[idx]), c.to(dev), lab.to(dev), logits_prev[idx][:, None], False)
+        order += idx
+        logits.append(out[0])
+        iou.append(out[1])
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(logits)[inverse.to(dev)], torch.cat(iou)[inverse.to(dev)]
+
+
 def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
                ) -> tuple[torch.Tensor, dict]:
     cfg = model.config
@@ -180,12 +206,10 @@ def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, m
                 point, positive = click
                 coords[i] = np.concatenate([coords[i], grid_to_input(point, cfg.mask_shape, cfg.input_shape)[None]])
                 labels[i] = np.append(labels[i], POSITIVE if positive else NEGATIVE)
-        c, lab = collate_prompts(coords, labels)
-        c, lab = c.to(dev), lab.to(dev)
         last = k == n_clicks - 1
         with torch.set_grad_enabled(last):
             feats = features if last else features.map(torch.Tensor.detach)
-            out = model.decode(feats, c, lab, logits_prev[:, None], False)
+            out = decode_by_prompt_count(model, feats, coords, labels, logits_prev, dev)
         if last:
             edit_loss, _ = prediction_loss(out, target)
         else:
@@ -289,10 +313,11 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         step0 = resume["step"]
         elapsed0 = resume.get("seconds", 0.0)
         history = resume.get("history", [])
-    rng = np.random.default_rng([cfg.seed, step0, rank])
     weights = dataset_weights or DATASET_WEIGHTS
-    stream = SampleStream(cases, model.config, cfg.batch_size, [cfg.seed, step0, rank, 1], weights,
-                          cfg.mid_zoom_fraction)
+    # Every step's randomness (its samples, then its clicks) comes from streams numbered by the step: a resumed run
+    # goes on as the uninterrupted one would have.
+    stream = SampleStream(cases, model.config, cfg.batch_size, [cfg.seed, rank, 1], weights, cfg.mid_zoom_fraction,
+                          first=step0 + 1)
     batches = sample_batches(stream, cfg.workers)
     torch.manual_seed(cfg.seed)
     if world > 1:  # start every process from rank 0's weights
@@ -322,7 +347,7 @@ def train(model: Raps3D, cases: list[Case], out_path: str | Path, cfg: TrainConf
         samples = next(batches)
         waited += time.perf_counter() - t_wait
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, info = train_step(model, samples, rng, cfg.max_clicks)
+            loss, info = train_step(model, samples, np.random.default_rng([cfg.seed, rank, 2, step]), cfg.max_clicks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_gradients(model, world)
