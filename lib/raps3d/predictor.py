@@ -14,7 +14,6 @@ nothing: the mask is zero there already.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ import torch
 
 from .engine import Engine
 from .errors import ImageError, PromptError
-from .geometry import Box, Frame, logits_to_mask, remap_logits
+from .geometry import Box, Frame, logits_to_mask, remap_logits, voxel_index
 from .modeling import BOX_MAX, BOX_MIN, NEGATIVE, POSITIVE, ImageFeatures
 from .roi import expand_roi, mask_covers, mid_zoom_size, roi_for_box, roi_from_mask
 
@@ -57,11 +56,6 @@ def check_volume(volume, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarra
     if spacing.shape != (3,) or not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise ImageError(f"invalid voxel spacing {spacing.tolist()}")
     return volume, spacing
-
-
-def _voxel(c: float) -> int:
-    """The voxel a coordinate falls in; halves go up (as ``Box.contains``), not to the even neighbour."""
-    return int(math.floor(c + 0.5))
 
 
 class ImageState:
@@ -301,7 +295,7 @@ class InteractiveObject:
         # A box that pokes out of the slice is clipped to it.
         y0, y1 = max(y0, 0), min(y1, ny - 1)
         x0, x1 = max(x0, 0), min(x1, nx - 1)
-        z, y0, x0, y1, x1 = (_voxel(c) for c in (z, y0, x0, y1, x1))
+        z, y0, x0, y1, x1 = (voxel_index(c) for c in (z, y0, x0, y1, x1))
         if y1 <= y0 or x1 <= x0:
             raise PromptError(f"the box (y {y0:g}..{y1:g}, x {x0:g}..{x1:g}) has no area; draw a box at least "
                               "two voxels wide and high")

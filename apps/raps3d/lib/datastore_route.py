@@ -67,7 +67,7 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     store = app_instance().datastore()
     # MONAI Label replaces an image of the same id but leaves its labels' files, which come back at the next reload
     # as the new image's (trained on, and the image never handed out): a different image needs its own id.
-    existing = "" if not image_id or isinstance(store, DICOMWebDatastore) else store.get_image_uri(image_id)
+    existing = _stored_image(store, image_id)
     async with _UPLOAD_CHECKS:
         same = await run_in_threadpool(check_image, file, existing)  # reads whole volumes: off the event loop
     if same:  # the image as stored (a viewer that uploads before it segments): kept as it is, with its labels
@@ -77,7 +77,7 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
             f"the datastore already holds another image with the id {image_id[:200]!r}: upload this one under "
             "another id, or remove that image first (DELETE /datastore/image, which removes its labels too)"))
     # Looked up again, with no await until it is added: another upload of this id may have come first meanwhile.
-    if image_id and not isinstance(store, DICOMWebDatastore) and store.get_image_uri(image_id):
+    if _stored_image(store, image_id):
         raise HTTPException(status_code=409, detail=(
             f"another upload added an image with the id {image_id[:200]!r} while this one was checked: send it "
             "again (the same image is then accepted as it is)"))
@@ -86,6 +86,11 @@ async def raps3d_add_image(  # on the event loop, as MONAI Label's route
     except BaseException:
         remove_uploads(background_tasks)
         raise
+
+
+def _stored_image(store, image_id: str) -> str:
+    """The file of a local datastore's image ``image_id`` ("" when there is none, or the store is DICOMweb)."""
+    return "" if not image_id or isinstance(store, DICOMWebDatastore) else store.get_image_uri(image_id)
 
 
 async def raps3d_save_label(
@@ -190,12 +195,9 @@ def check_image(image: UploadFile, existing: str = "") -> bool:
     if not existing:
         return False
     try:  # the grid first, from the header: the stored voxels are read only when it matches
-        if not same_grid(geometry, read_geometry(existing)):
-            return False
-        stored, stored_geometry = read_image(existing)
+        return same_grid(geometry, read_geometry(existing)) and np.array_equal(volume, read_image(existing)[0])
     except ImageReadError:
         return False  # the stored file no longer reads: not the same image
-    return same_grid(geometry, stored_geometry) and np.array_equal(volume, stored)
 
 
 def same_grid(a: Geometry, b: Geometry) -> bool:

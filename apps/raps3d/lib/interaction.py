@@ -13,8 +13,9 @@ A new object takes the prompts one at a time, as a viewer sends them and as the 
 first foreground point), then each further point as an edit of the mask before, in the request's order. So a reply
 never depends on prompts the request did not send, and it is the same whether the session was still cached or not
 (evicted, expired, or taken over by another annotator with the same client id), however many clicks each request
-added (up to MAX_REPLAY_STEPS steps), and undo works after it. A refused request leaves the session as it was. Viewers send foreground and background points as two lists: where background clicks fell among
-the foreground ones is not known, and they are replayed after them.
+added (up to MAX_REPLAY_STEPS steps), and undo works after it. A refused request leaves the session as it was.
+Viewers send foreground and background points as two lists: where background clicks fell among the foreground ones
+is not known, and they are replayed after them.
 """
 
 from __future__ import annotations
@@ -123,11 +124,9 @@ def apply_prompts(store: raps3d.SessionStore, key: tuple[Hashable, Hashable, Has
                     return _edit(obj, added)
                 # Fewer prompts than the object has: a viewer-side undo of the last click? Checked before undoing,
                 # so that a request that is not one leaves the object as it was if its new object is refused.
-                previous = obj.previous_prompts
-                if previous is not None and (previous.points or previous.box) and prompts.matches(previous):
-                    result = obj.undo()
-                    if result is not None:
-                        return Outcome(result, "undo", True, None, obj.prompts)
+                previous = obj.previous_prompts  # (a step with prompts: one the request's can match)
+                if previous is not None and prompts.matches(previous):
+                    return Outcome(obj.undo(), "undo", True, None, obj.prompts)
         return _new_object(store, key, image, prompts)
 
 

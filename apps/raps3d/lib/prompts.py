@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import raps3d
+from raps3d.geometry import voxel_index
 from raps3d.orientation import Reorientation
 from raps3d.predictor import MAX_POINTS
 
@@ -99,11 +100,6 @@ def _number(value, what: str) -> float:
     return number
 
 
-def _voxel(c: float) -> int:
-    """The voxel holding position ``c``: voxel n spans n - 0.5 to n + 0.5 (halves go up, for every prompt alike)."""
-    return math.floor(c + 0.5)
-
-
 def _inside(c: float, size: int) -> bool:
     """Whether position ``c`` lies within an axis of ``size`` voxels: -0.5 < c < size - 0.5 (both ends open, so that
     the answer is the same along a reversed axis)."""
@@ -153,9 +149,9 @@ def _model_box(ranges_ijk, size_ijk, orientation: Reorientation, source: str) ->
     low = _to_model([r[0] for r in ranges_ijk], size_ijk, orientation)
     high = _to_model([r[1] for r in ranges_ijk], size_ijk, orientation)
     (mz0, mz1), (my0, my1), (mx0, mx1) = [sorted(pair) for pair in zip(low, high)]
-    k0, k1 = max(_voxel(mz0), 0), min(_voxel(mz1), nz - 1)
-    i0, i1 = _voxel(max(mx0, 0)), _voxel(min(mx1, nx - 1))
-    j0, j1 = _voxel(max(my0, 0)), _voxel(min(my1, ny - 1))
+    k0, k1 = max(voxel_index(mz0), 0), min(voxel_index(mz1), nz - 1)
+    i0, i1 = voxel_index(max(mx0, 0)), voxel_index(min(mx1, nx - 1))
+    j0, j1 = voxel_index(max(my0, 0)), voxel_index(min(my1, ny - 1))
     if i1 <= i0 or j1 <= j0:
         hint = ""
         if k1 > k0 and min(mx1 - mx0, my1 - my0) < 1:  # thick across the slices, flat within: drawn on a coronal

@@ -170,9 +170,8 @@ def decode_by_prompt_count(model: Raps3D, features, coords: list[np.ndarray], la
         order += idx
         logits.append(out[0])
         iou.append(out[1])
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(logits)[inverse.to(dev)], torch.cat(iou)[inverse.to(dev)]
+    inverse = torch.argsort(torch.tensor(order)).to(dev)
+    return torch.cat(logits)[inverse], torch.cat(iou)[inverse]
 
 
 def train_step(model: Raps3D, samples: list[Sample], rng: np.random.Generator, max_clicks: int
