@@ -23,8 +23,8 @@ if str(APP_DIR) not in sys.path:
 
 from lib import interaction  # noqa: E402
 from lib.auto_prompt import soft_tissue_seed  # noqa: E402
-from lib.images import (Geometry, ImageReadError, check_label_values, image_key, read_image,  # noqa: E402
-                        read_label_on_grid)
+from lib.images import (Geometry, ImageReadError, check_label_values, image_key, read_geometry,  # noqa: E402
+                        read_image, read_label_on_grid)
 from lib.label_writers import LabelFormat, LabelFormatError, write_label  # noqa: E402
 from lib.model_service import ModelService, fallback_warning, load_served  # noqa: E402
 from lib.options import DEFAULT_MODEL_PATH, AppOptions  # noqa: E402
@@ -641,6 +641,69 @@ def test_a_label_on_its_own_grid_is_put_on_the_image_grid(tmp_path):
     (tmp_path / "corrupt.nii.gz").write_bytes(b"not a label")
     with pytest.raises(ImageReadError, match=r"^cannot read 'corrupt.nii.gz' as a label map: "):
         read_label_on_grid(str(tmp_path / "corrupt.nii.gz"), geometry)
+
+
+def test_a_label_partly_outside_its_image_is_refused_with_how_much_is_outside(tmp_path):
+    geometry = Geometry((40, 30, 20), (1.0, 1.0, 2.0), (10.0, 20.0, 30.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    full = np.zeros((20, 30, 40), np.uint8)
+    full[5:10, 10:20, 30:40] = 1  # 500 voxels, up to the image's last column
+    for shift, outside in [(0.0, 0), (0.4, 0), (3.0, 150)]:  # mm along x: 0.4 is the same voxels, 3 pushes 3 columns out
+        label = sitk.GetImageFromArray(full)
+        label.SetSpacing(geometry.spacing)
+        label.SetOrigin((10.0 + shift, 20.0, 30.0))
+        sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+        if outside:
+            with pytest.raises(ImageReadError, match=f"^{outside} of the 500 labelled voxels of the label 'label.nii.gz' "
+                                                     "lie outside its image"):
+                read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry)
+        else:
+            np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry), full)
+    # At half the resolution, every labelled voxel inside: put on the image's grid (its 2 mm voxels cover 2 x 2).
+    half = sitk.GetImageFromArray(full[:, ::2, ::2].copy())
+    half.SetSpacing((2.0, 2.0, 2.0))
+    half.SetOrigin((10.5, 20.5, 30.0))
+    sitk.WriteImage(half, str(tmp_path / "half.nii.gz"))
+    np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "half.nii.gz"), geometry), full)
+
+
+def _nifti(path, qform, sform, units="mm", qform_code=1, sform_code=1):
+    import nibabel
+
+    data = np.full((30, 30, 20), -1000, np.int16)
+    data[10:20, 10:20, 5:15] = 40
+    image = nibabel.Nifti1Image(data, None)
+    image.set_qform(qform, code=qform_code)
+    image.set_sform(sform, code=sform_code)
+    image.header.set_xyzt_units(xyz=units)
+    nibabel.save(image, str(path))
+    return str(path)
+
+
+def test_a_nifti_file_whose_two_transforms_disagree_or_whose_unit_is_wrong_is_refused(tmp_path):
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 5.0, 20.0)
+    shifted = affine.copy()
+    shifted[0, 3] += 12.0
+    sheared = affine.copy()
+    sheared[:3, :3] = affine[:3, :3] @ np.array([[1, 0.2, 0], [0, 1, 0], [0, 0, 1]])
+    within = affine.copy()
+    within[0, 3] += 0.3  # under half the smallest voxel: rounding, as between a quaternion and a matrix
+    # Readers agree: one transform set, or both the same (to within rounding).
+    for name, sform, sform_code in [("same", affine, 1), ("only_qform", shifted, 0), ("within", within, 2)]:
+        read_image(_nifti(tmp_path / f"{name}.nii.gz", affine, sform, sform_code=sform_code))
+    for name, sform, sform_code, apart in [("shifted", shifted, 2, "12.0"), ("sheared", sheared, 1, "4.6")]:
+        path = _nifti(tmp_path / f"{name}.nii.gz", affine, sform, sform_code=sform_code)
+        with pytest.raises(ImageReadError, match=re.escape(f"'{name}.nii.gz' holds two transforms (NIfTI qform and "
+                                                           f"sform) that place it up to {apart} mm apart")):
+            read_image(path)
+    for units, spacing in [("meter", "800 x 800 x 2500"), ("micron", "0.0008 x 0.0008 x 0.0025")]:
+        path = _nifti(tmp_path / f"{units}.nii.gz", affine, affine, units=units)
+        with pytest.raises(ImageReadError, match=re.escape(f"has voxels of {spacing} mm, outside the 0.01-100 mm")):
+            read_image(path)
+    # A label is held to the same: it would land elsewhere than the viewer shows it.
+    label = _nifti(tmp_path / "label.nii.gz", affine, shifted, sform_code=2)
+    with pytest.raises(ImageReadError, match="holds two transforms"):
+        read_label_on_grid(label, read_geometry(str(tmp_path / "same.nii.gz")))
 
 
 def test_a_dicom_series_folder_reads_like_its_nifti():

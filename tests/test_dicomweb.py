@@ -321,6 +321,52 @@ def test_empty_final_label_is_refused_with_400(dicomweb_server, orthanc, tmp_pat
     assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
 
 
+def test_a_final_label_is_written_on_the_series_grid_and_one_off_the_series_is_422(dicomweb_server, orthanc,
+                                                                                    tmp_path):
+    import pydicom_seg
+
+    phantom = orthanc.series["phantom"]
+    reference = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "phantom_01_seg.nii.gz"))  # the series' grid
+    liver = sitk.Cast(reference == 1, sitk.sitkUInt8)
+
+    def put(image: sitk.Image, name: str):
+        sitk.WriteImage(image, str(tmp_path / name))
+        return requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": phantom.series_uid,
+                                                                              "tag": "final"},
+                            data={"params": json.dumps({"label_info": [{"name": "liver", "idx": 1}]})},
+                            files={"label": (name, (tmp_path / name).read_bytes())}, timeout=300)
+
+    before = set(orthanc.find("Series", {"Modality": "SEG"}))
+    # The liver's voxels with their position lost (origin 0, 1 mm voxels): refused as the local datastore refuses it,
+    # where it became a SEG of no slice of the series.
+    lost = sitk.GetImageFromArray(sitk.GetArrayFromImage(liver))
+    r = put(lost, "lost.nii.gz")
+    assert r.status_code == 422, f"{r.status_code}: {r.text[:300]}"
+    assert r.json()["detail"] == "the label cannot be saved: the label lies outside its image"
+    assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
+
+    # The liver drawn on a coarser grid (2 mm more in-plane per voxel): written on the series' own grid, every
+    # frame on a slice of the series (the writer took the label's grid: frames of another size, spacing, position).
+    coarse_grid = sitk.Image([n // 2 for n in reference.GetSize()[:2]] + [reference.GetSize()[2]], sitk.sitkUInt8)
+    coarse_grid.SetSpacing([2 * s for s in reference.GetSpacing()[:2]] + [reference.GetSpacing()[2]])
+    coarse_grid.SetOrigin(reference.GetOrigin())
+    coarse_grid.SetDirection(reference.GetDirection())
+    coarse = sitk.Resample(liver, coarse_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    r = put(coarse, "coarse.nii.gz")
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:300]}\n{dicomweb_server.log_tail()}"
+    _, seg = _seg_of(orthanc, phantom.study_uid, before)
+    assert (int(seg.Rows), int(seg.Columns)) == (reference.GetSize()[1], reference.GetSize()[0])
+    ct_sops = {str(i["MainDicomTags"]["SOPInstanceUID"])
+               for i in orthanc.get_json(f"/series/{orthanc.series_id(phantom.series_uid)}/instances")}
+    assert {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for f in seg.PerFrameFunctionalGroupsSequence} <= ct_sops
+    decoded = pydicom_seg.MultiClassReader().read(seg).image
+    np.testing.assert_allclose(decoded.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+    on_series = sitk.Resample(decoded, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    expected = sitk.Resample(coarse, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_series), sitk.GetArrayFromImage(expected))
+
+
 def test_final_label_of_an_unknown_series_is_404(dicomweb_server, tmp_path):
     path = tmp_path / "label.nii.gz"
     sitk.WriteImage(sitk.Image(8, 8, 4, sitk.sitkUInt8) + 1, str(path))

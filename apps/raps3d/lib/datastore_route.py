@@ -106,8 +106,8 @@ async def raps3d_save_label(
         check_plain_name(tag, "the label tag")
     parse_params(params)
     store = app_instance().datastore()
-    # Over DICOMweb the label becomes a DICOM SEG, whose conversion checks it; reading the image's geometry here
-    # would download the series.
+    # Over DICOMweb the datastore checks the label when it writes it as DICOM SEG (it fetches the series for that):
+    # checking it here would fetch the series before the request's other checks.
     image_path = "" if isinstance(store, DICOMWebDatastore) else store.get_image_uri(image)
     if image_path:
         async with _UPLOAD_CHECKS:

@@ -29,8 +29,10 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 import requests
+import SimpleITK as sitk
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
@@ -40,7 +42,7 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from . import datastore_index
-from .images import ImageReadError, check_size_and_data_file
+from .images import ImageReadError, check_header, read_geometry, read_label_on_grid
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +133,16 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         check_uid(image_id)
-        if label_tag == DefaultLabelTag.FINAL and _is_empty(label_filename):
+        if label_tag != DefaultLabelTag.FINAL:
+            with http_errors(image_id, "store the label of series", "the label cannot be saved"):
+                return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+        if _is_empty(label_filename):
             raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
                                                         "which needs at least one labelled voxel")
-        with http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
-            return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+        series = fetch_series(self, image_id)  # MONAI Label's writing fetches it anyway
+        with _on_series_grid(label_filename, series) as on_grid, \
+                http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
+            return super().save_label(image_id, on_grid, label_tag, label_info, label_id)
 
 
 @contextlib.contextmanager
@@ -150,6 +157,31 @@ def _converted(folder: str, is_seg: bool = False):
     finally:
         if path and os.path.isfile(path):
             os.remove(path)
+
+
+@contextlib.contextmanager
+def _on_series_grid(label_file: str, series: str):
+    """The label file, or a temporary copy resampled onto the series' voxel grid where it has its own: the DICOM SEG
+    writer takes the label's grid as it is, so a label on another grid became frames that match no slice of the
+    series (a label that lost its position, an orphan segmentation in the archive). A label the local datastore
+    would refuse (outside the series, partly or wholly; not a label map) is 422, as there."""
+    if label_file.endswith(".bin"):  # OHIF's raw voxels: MONAI Label puts them on the series' grid itself
+        yield label_file
+        return
+    try:
+        geometry = read_geometry(series)
+        on_grid = read_label_on_grid(label_file, geometry)
+        same = read_geometry(label_file, "a label map") == geometry
+    except ImageReadError as e:  # without the name of MONAI Label's temporary copy
+        reason = str(e).replace(f" {os.path.basename(label_file)!r}", "")
+        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {reason}") from None
+    if same:
+        yield label_file
+        return
+    with tempfile.TemporaryDirectory() as folder:  # private to this account: it holds a patient's label
+        resampled = os.path.join(folder, "label.nii.gz")
+        sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(on_grid)), resampled, useCompression=True)
+        yield resampled
 
 
 @contextlib.contextmanager
@@ -170,12 +202,11 @@ def series_lock(image_dir: str):
 def _is_empty(label_file: str) -> bool:
     """Whether a label file has no labelled voxel (an ITK-readable image, or OHIF's raw uint8 ``.bin``)."""
     import numpy as np
-    import SimpleITK as sitk
 
     if label_file.endswith(".bin"):
         return not np.fromfile(label_file, dtype=np.uint8).any()
     try:
-        check_size_and_data_file(label_file, "a label map")
+        check_header(label_file, "a label map")
     except ImageReadError as e:
         raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
     try:

@@ -21,6 +21,7 @@ from raps3d.orientation import Reorientation
 
 from .dicom_series import (SeriesError, check_series, dicom_file_headers, functional_group_rescale, series_headers,
                            source_series_folder, stacking_order, stored_value_range)
+from .nifti_transforms import transform_disagreement_mm
 
 
 class ImageReadError(ValueError):
@@ -51,6 +52,10 @@ CLIPPED_TOP_SHARE = 0.005
 # Largest deviation of the direction matrix from perpendicular axes (|D^T D - I|): about 0.06 degrees, half a voxel
 # over 512 voxels; files written with rounded direction cosines stay well inside it.
 SHEAR_TOLERANCE = 1e-3
+# Voxel sizes (mm) a CT can have: a file outside this range has its length unit wrong (NIfTI's xyzt_units in metres
+# gives voxels a thousand times too large, in micrometres a thousand times too small), and the model would see an
+# image a thousand times too large or small.
+SPACING_RANGE_MM = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -157,10 +162,11 @@ def _check(dimension: int, components: int, pixel_type: str, size) -> None:
         raise ImageReadError(f"the image is {dimension}D (size {list(size)}); Raps-3D segments 3D CT volumes")
 
 
-def check_size_and_data_file(path: str, what: str = "an image") -> None:
-    """Refuses, before any voxel is read, an image larger than MAX_VOXELS and a header whose data file lies
-    elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``). ``what`` the file should
-    be, for messages."""
+def check_header(path: str, what: str = "an image") -> None:
+    """Refuses, from the header before any voxel is read, an image larger than MAX_VOXELS, a header whose data file
+    lies elsewhere than beside it (an absolute path or one leading up: ``data file: /dev/zero``), voxels of a size no
+    CT has (a NIfTI file's length unit wrong) and a NIfTI file whose two transforms place it differently. ``what``
+    the file should be, for messages."""
     if os.path.isdir(path):
         return  # a DICOM series: as large as its files
     if path.lower().endswith((".nrrd", ".nhdr", ".mhd", ".mha")):
@@ -182,11 +188,22 @@ def check_size_and_data_file(path: str, what: str = "an image") -> None:
                                                          or ".." in target.replace("\\", "/").split("/"))):
                 raise ImageReadError(f"{os.path.basename(path)!r} names a data file outside its folder "
                                      f"({target[:80]!r}); send the image with its data")
-    size = read_geometry(path, what).size
+    geometry = read_geometry(path, what)
+    size, name = geometry.size, os.path.basename(path)
     voxels = int(np.prod(size, dtype=np.int64))
     if voxels > MAX_VOXELS:
-        raise ImageReadError(f"{os.path.basename(path)!r} is {' x '.join(map(str, size))} = {voxels:,} voxels, more "
+        raise ImageReadError(f"{name!r} is {' x '.join(map(str, size))} = {voxels:,} voxels, more "
                              f"than the {MAX_VOXELS:,} this server opens (512 x 512 x 2048)")
+    if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in geometry.spacing):
+        spacing = " x ".join(f"{s:g}" for s in geometry.spacing)
+        raise ImageReadError(f"{name!r} has voxels of {spacing} mm, outside the {SPACING_RANGE_MM[0]:g}-"
+                             f"{SPACING_RANGE_MM[1]:g} mm of any CT: its length unit is likely wrong (as in a NIfTI file whose "
+                             "xyzt_units say metres or micrometres where it means millimetres)")
+    disagreement = transform_disagreement_mm(path)
+    if disagreement is not None and disagreement[0] > 0.5 * disagreement[1]:
+        raise ImageReadError(f"{name!r} holds two transforms (NIfTI qform and sform) that place it up to "
+                             f"{disagreement[0]:.1f} mm apart, so viewers disagree on where it lies (each reader "
+                             "chooses one by its own rule): write it with one transform, or with the two equal")
 
 
 def read_image(path: str) -> tuple[np.ndarray, Geometry]:
@@ -194,7 +211,7 @@ def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
     functional groups hold is applied. Images larger than MAX_VOXELS, and headers naming a data file elsewhere, are
     refused before their voxels are read."""
-    check_size_and_data_file(path)
+    check_header(path)
     folder = source_series_folder(path)
     series_uid = None
     try:
@@ -294,7 +311,7 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
     """A label map (z, y, x) on the voxel grid of the image with ``geometry``: resampled (nearest neighbour, 0
     outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices).
     Refused like an image when larger than MAX_VOXELS or naming a data file elsewhere."""
-    check_size_and_data_file(path, "a label map")  # its name is the image's: say which file failed
+    check_header(path, "a label map")  # its name is the image's: say which file failed
     try:
         label = sitk.ReadImage(path)
     except RuntimeError as e:
@@ -307,10 +324,41 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
                                   label.GetPixelID())
         if sitk.GetArrayViewFromImage(label).any() and not sitk.GetArrayViewFromImage(resampled).any():
             raise ImageReadError(f"the label {os.path.basename(path)!r} lies outside its image")
+        outside, labelled = _labelled_outside(label, reference)
+        if outside:
+            raise ImageReadError(f"{outside:,} of the {labelled:,} labelled voxels of the label "
+                                 f"{os.path.basename(path)!r} lie outside its image: it was drawn on another grid, "
+                                 "or its position was lost (save it on the image's own grid)")
         label = resampled
     array = sitk.GetArrayFromImage(label)
     check_label_values(array, os.path.basename(path))
     return array
+
+
+def _labelled_outside(label: sitk.Image, image: sitk.Image) -> tuple[int, int]:
+    """How many labelled voxels of ``label`` have their centre outside the image grid ``image`` (by more than half a
+    voxel, as nearest-neighbour resampling takes it), of how many. Resampling onto the image drops those without a
+    word; a label that lost its position (or belongs to another image) partly overlapping the image is the usual
+    cause."""
+    labelled = np.flatnonzero(sitk.GetArrayViewFromImage(label))
+    if labelled.size == 0:
+        return 0, 0
+    zyx = np.stack(np.unravel_index(labelled, label.GetSize()[::-1]), axis=1)
+    lows, highs = zyx.min(axis=0), zyx.max(axis=0)
+    corners = [(int(x), int(y), int(z)) for z in (lows[0], highs[0]) for y in (lows[1], highs[1])
+               for x in (lows[2], highs[2])]
+    if all(_inside(image, label.TransformIndexToPhysicalPoint(c)) for c in corners):
+        return 0, int(labelled.size)  # the image's box is convex: all of the labelled box inside it, all voxels are
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside = sitk.Resample(ones, label, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    outside = int(np.count_nonzero(sitk.GetArrayViewFromImage(inside).ravel()[labelled] == 0))
+    return outside, int(labelled.size)
+
+
+def _inside(image: sitk.Image, point) -> bool:
+    index = np.asarray(image.TransformPhysicalPointToContinuousIndex(point))
+    return bool(np.all(index >= -0.5) and np.all(index <= np.asarray(image.GetSize()) - 0.5))
 
 
 def check_label_values(label: np.ndarray, name: str) -> None:
