@@ -271,6 +271,23 @@ def test_an_archive_that_would_unpack_outside_its_folder_is_refused(server):
     assert r.status_code == 200, r.text
 
 
+def test_uncompress_takes_only_an_archive(server):
+    """MONAI Label unpacks a single upload by its name's type: anything else was a bare 500 that left the upload and
+    two folders in the temporary folder."""
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
+    for content, name, detail in [
+        (ct, "ct.nii.gz", "uncompress=true takes an archive (.tar, .tar.bz2, .tar.gz, .tar.xz, .tbz2, .tgz, .txz, "
+                          ".zip); 'ct.nii.gz' is not named as one"),
+        (ct, "series.zip", "'series.zip' cannot be read as a zip archive"),
+        (b"not a tar", "series.tar.gz", "'series.tar.gz' cannot be read as a gztar archive")]:
+        r = session_of(server, content, name, uncompress=True)
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == detail
+    assert set(scratch.iterdir()) == before
+
+
 def test_a_session_upload_whose_name_names_a_folder_is_400(server):
     ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
     for name in ("..", "series/..", "."):

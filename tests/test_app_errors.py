@@ -35,6 +35,21 @@ def test_malformed_prompts_are_400(server, params, fragment):
     assert fragment in r.json()["detail"]
 
 
+def test_a_label_upload_and_dicom_seg_output_are_400_before_anything_runs(server):
+    """Neither is used by Raps-3D; MONAI Label took both: a label upload named the object after the server's
+    temporary copy (a new object, the whole encoder, on every click), and a failed DICOM SEG reply left the label in
+    the temporary folder."""
+    scratch = server.log.parent / "tmp"
+    before = set(scratch.iterdir())
+    r = server.infer(IMAGE, {"foreground": [CLICK]}, files={"label": ("l.bin", bytes(160 * 128 * 48))})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("Raps-3D takes no 'label' upload")
+    r = server.infer(IMAGE, {"foreground": [CLICK], "label_info": [{"name": "liver"}]}, output="dicom_seg")
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("output 'dicom_seg' is not offered")
+    assert set(scratch.iterdir()) == before
+
+
 def test_unknown_image_is_404(server):
     r = server.infer("no_such_image", {"foreground": [CLICK]})
     assert r.status_code == 404

@@ -218,6 +218,33 @@ def test_accept_encoding_is_read_as_http_defines_it():
     assert not accepts_gzip("gzip;q=0, *") and not accepts_gzip("*;q=0")  # named gzip decides over *
 
 
+def test_a_gzip_reply_holds_no_open_file_between_chunks(tmp_path):
+    """A client that goes away mid-reply leaves the generator unfinished: the label file, deleted after the reply,
+    must not be held open by it (its disk space would stay in use)."""
+    import gzip
+    import os
+    import sys
+
+    from conftest import APP_DIR
+
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib.reply_encoding import CHUNK, _gzip_file
+
+    path = tmp_path / "label.nrrd"
+    content = os.urandom(CHUNK) * 2 + b"\0" * (CHUNK // 2)  # random: every chunk yields output at once
+    path.write_bytes(content)
+
+    def open_on_label():
+        return [fd for fd in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path)]
+
+    chunks = _gzip_file(str(path))
+    first = next(chunks)
+    assert first and open_on_label() == []
+    assert gzip.decompress(first + b"".join(chunks)) == content
+
+
 def test_the_reply_label_is_the_library_prediction_placed_at_its_voxels(server):
     """What the server sends is the library's mask for the same prompt, model and image, voxel for voxel (a label
     mirrored, shifted or transposed on its way out would differ). The library sees the image in the model's

@@ -84,6 +84,13 @@ def raps3d_infer(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
+    if label is not None:  # MONAI Label would name the object after its temporary copy (and keep a .bin's image)
+        raise HTTPException(status_code=400, detail="Raps-3D takes no 'label' upload: its prompts are clicks and "
+                                                    "boxes in params; save a label with PUT /datastore/label")
+    if output == ResultType.dicom_seg:  # MONAI Label writes the SEG after inference and never removes it or the label
+        raise HTTPException(status_code=400, detail="output 'dicom_seg' is not offered: ask for 'image', 'json' or "
+                                                    "'all'; a label saved as final (PUT /datastore/label) is stored "
+                                                    "on the DICOMweb server as DICOM SEG")
     session = live_session(session_id)
     if not image and file is None and not session:  # MONAI Label: a bare 500
         raise HTTPException(status_code=400, detail=(

@@ -54,12 +54,21 @@ def _uncompressed_label(path: str) -> bool:
 
 
 def _gzip_file(path: str):
+    """The file gzip-encoded, chunk by chunk. The file is opened for each chunk, not held between them: a client
+    that goes away mid-reply leaves this generator unfinished, and an open file would keep the deleted label's disk
+    space until the generator happens to be collected."""
     compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            data = compressor.compress(block)
-            if data:
-                yield data
+    offset = 0
+    while True:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            block = f.read(CHUNK)
+        if not block:
+            break
+        offset += len(block)
+        data = compressor.compress(block)
+        if data:
+            yield data
     yield compressor.flush()
 
 

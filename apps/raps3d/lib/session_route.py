@@ -10,7 +10,9 @@ which keeps every member inside the target folder.)
 
 import logging
 import pathlib
+import shutil
 import tarfile
+import zipfile
 from typing import List
 
 from fastapi import BackgroundTasks, Depends, File, HTTPException, UploadFile
@@ -49,6 +51,26 @@ def check_archive(upload: UploadFile) -> None:
         f.seek(0)
 
 
+def check_unpackable(upload: UploadFile) -> None:
+    """A 400 unless the upload is an archive ``shutil.unpack_archive`` can unpack: named as one (it goes by the name)
+    and holding one. MONAI Label fails on anything else with a bare 500, leaving the upload and two folders in the
+    temporary folder."""
+    name = get_basename(upload.filename) if upload.filename else ""
+    kinds = [kind for kind, extensions, _ in shutil.get_unpack_formats() if name.lower().endswith(tuple(extensions))]
+    if not kinds:
+        known = ", ".join(sorted(e for _, extensions, _ in shutil.get_unpack_formats() for e in extensions))
+        raise HTTPException(status_code=400, detail=f"uncompress=true takes an archive ({known}); {name[:200]!r} is "
+                                                    "not named as one")
+    f = upload.file
+    try:
+        f.seek(0)
+        readable = zipfile.is_zipfile(f) if kinds[0] == "zip" else tarfile.is_tarfile(f)
+    finally:
+        f.seek(0)
+    if not readable:
+        raise HTTPException(status_code=400, detail=f"{name[:200]!r} cannot be read as a {kinds[0]} archive")
+
+
 async def raps3d_create_session(  # on the event loop, as MONAI Label's route
     background_tasks: BackgroundTasks,
     uncompress: bool = False,
@@ -62,6 +84,8 @@ async def raps3d_create_session(  # on the event loop, as MONAI Label's route
             raise HTTPException(status_code=400, detail=f"the file name {upload.filename[:200]!r} names a folder, "
                                                         "not a file")
         if uncompress:
+            if len(files) == 1:  # MONAI Label unpacks a single upload only
+                check_unpackable(upload)
             check_archive(upload)
     return create_session(background_tasks, uncompress, expiry, files)
 
