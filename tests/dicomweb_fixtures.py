@@ -213,9 +213,10 @@ def upload_folder(orthanc: Orthanc, name: str, folder: Path, fill_uids: bool = F
     return SeriesOnServer(name, series, study, len(files), ",".join(sorted(syntaxes)), folder)
 
 
-def upload_as_new_series(orthanc: Orthanc, name: str, folder: Path, drop: tuple[int, ...] = ()) -> SeriesOnServer:
+def upload_as_new_series(orthanc: Orthanc, name: str, folder: Path, drop: tuple[int, ...] = (),
+                         blank: tuple[str, ...] = ()) -> SeriesOnServer:
     """The files of a folder (sorted by name) as a new series of a new study (new UIDs), without the files at the
-    indices ``drop``."""
+    indices ``drop``, and with the attributes ``blank`` emptied (as some anonymisers leave them)."""
     import pydicom
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".dcm")
@@ -226,6 +227,8 @@ def upload_as_new_series(orthanc: Orthanc, name: str, folder: Path, drop: tuple[
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(name, "instance", str(i))
         ds.SeriesDescription = f"{ds.get('SeriesDescription', '')} ({name})".strip()
+        for keyword in blank:
+            setattr(ds, keyword, "")
         orthanc.upload(_encode(ds))
     return SeriesOnServer(name, series_uid, str(ds.StudyInstanceUID), len(kept), str(ds.file_meta.TransferSyntaxUID),
                       folder)
@@ -297,7 +300,9 @@ def upload_test_series(orthanc: Orthanc, repo_root: Path, data_root: Path) -> di
               "phantom_missing_slice": upload_as_new_series(orthanc, "phantom_missing_slice", phantom,
                                                             drop=(MISSING_SLICE,)),
               # never labelled by any test (others label "phantom"): unlabelled whatever ran before
-              "phantom_unlabelled": upload_as_new_series(orthanc, "phantom_unlabelled", phantom)}
+              "phantom_unlabelled": upload_as_new_series(orthanc, "phantom_unlabelled", phantom),
+              "phantom_blank_frame": upload_as_new_series(orthanc, "phantom_blank_frame", phantom,
+                                                          blank=("FrameOfReferenceUID",))}
     if (data_root / J2K_FOLDER).is_dir():
         series["j2k"] = upload_folder(orthanc, "j2k", data_root / J2K_FOLDER, fill_uids=True)
     for name, path in transfer_syntax_files(data_root).items():

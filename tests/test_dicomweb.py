@@ -367,6 +367,25 @@ def test_a_final_label_is_written_on_the_series_grid_and_one_off_the_series_is_4
     np.testing.assert_array_equal(sitk.GetArrayFromImage(on_series), sitk.GetArrayFromImage(expected))
 
 
+def test_a_series_dcmqi_cannot_write_a_seg_for_gets_a_422_that_says_why(dicomweb_server, orthanc, tmp_path):
+    """An anonymiser that blanks the Frame of Reference UID: dcmqi writes no SEG, and MONAI Label went on to send
+    the missing file (a 422 naming a temporary path)."""
+    series = orthanc.series["phantom_blank_frame"]
+    reference = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "phantom_01_seg.nii.gz"))
+    sitk.WriteImage(sitk.Cast(reference == 1, sitk.sitkUInt8), str(tmp_path / "label.nii.gz"))
+    before = set(orthanc.find("Series", {"Modality": "SEG"}))
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": series.series_uid, "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": "liver"}]})},
+                     files={"label": ("label.nii.gz", (tmp_path / "label.nii.gz").read_bytes())}, timeout=300)
+    assert r.status_code == 422, f"{r.status_code}: {r.text[:300]}"
+    assert r.json()["detail"] == (
+        f"the label cannot be written as DICOM SEG: itkimage2segimage wrote none for series {series.series_uid!r} "
+        "(its reason is in the server's log). It needs every instance of the series to hold its SOP Class, SOP "
+        "Instance and Series Instance UIDs, and a Frame of Reference UID that is not empty, which some anonymisers "
+        "blank")
+    assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
+
+
 def test_final_label_of_an_unknown_series_is_404(dicomweb_server, tmp_path):
     path = tmp_path / "label.nii.gz"
     sitk.WriteImage(sitk.Image(8, 8, 4, sitk.sitkUInt8) + 1, str(path))

@@ -142,7 +142,17 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
         series = fetch_series(self, image_id)  # MONAI Label's writing fetches it anyway
         with _on_series_grid(label_filename, series) as on_grid, \
                 http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
-            return super().save_label(image_id, on_grid, label_tag, label_info, label_id)
+            try:
+                return super().save_label(image_id, on_grid, label_tag, label_info, label_id)
+            except FileNotFoundError as e:
+                if not str(e.filename or "").endswith(".dcm"):
+                    raise
+                # MONAI Label goes on to send the SEG file dcmqi did not write; dcmqi's reason is in the log.
+                raise HTTPException(status_code=422, detail=(
+                    f"the label cannot be written as DICOM SEG: {SEG_TOOL} wrote none for series {image_id!r} (its "
+                    "reason is in the server's log). It needs every instance of the series to hold its SOP Class, "
+                    "SOP Instance and Series Instance UIDs, and a Frame of Reference UID that is not empty, which "
+                    "some anonymisers blank")) from None
 
 
 @contextlib.contextmanager
