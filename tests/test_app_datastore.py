@@ -279,7 +279,9 @@ def test_uncompress_takes_only_an_archive(server):
     ct = (SAMPLE_IMAGES / f"{IMAGE}.nii.gz").read_bytes()
     for content, name, detail in [
         (ct, "ct.nii.gz", "uncompress=true takes an archive (.tar, .tar.bz2, .tar.gz, .tar.xz, .tbz2, .tgz, .txz, "
-                          ".zip); 'ct.nii.gz' is not named as one"),
+                          ".zip); 'ct.nii.gz' is not named as one (the suffix in lower case)"),
+        (ct, "SERIES.ZIP", "uncompress=true takes an archive (.tar, .tar.bz2, .tar.gz, .tar.xz, .tbz2, .tgz, .txz, "
+                           ".zip); 'SERIES.ZIP' is not named as one (the suffix in lower case)"),
         (ct, "series.zip", "'series.zip' cannot be read as a zip archive"),
         (b"not a tar", "series.tar.gz", "'series.tar.gz' cannot be read as a gztar archive")]:
         r = session_of(server, content, name, uncompress=True)

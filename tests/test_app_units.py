@@ -658,6 +658,16 @@ def test_a_label_partly_outside_its_image_is_refused_with_how_much_is_outside(tm
                 read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry)
         else:
             np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry), full)
+    # On a 3 mm grid that covers the image, a structure reaching its last column: the coarse voxels' centres lie
+    # beyond it, but they cover it, and resampling takes them.
+    coarse = np.zeros((7, 10, 14), np.uint8)
+    coarse[2:4, 3:6, 10:14] = 1
+    label = sitk.GetImageFromArray(coarse)
+    label.SetSpacing((3.0, 3.0, 6.0))
+    label.SetOrigin((11.0, 21.0, 32.0))
+    sitk.WriteImage(label, str(tmp_path / "coarse.nii.gz"))
+    on_grid = read_label_on_grid(str(tmp_path / "coarse.nii.gz"), geometry)
+    assert on_grid[:, :, 39].any()
     # At half the resolution, every labelled voxel inside: put on the image's grid (its 2 mm voxels cover 2 x 2).
     half = sitk.GetImageFromArray(full[:, ::2, ::2].copy())
     half.SetSpacing((2.0, 2.0, 2.0))
@@ -700,6 +710,14 @@ def test_a_nifti_file_whose_two_transforms_disagree_or_whose_unit_is_wrong_is_re
         path = _nifti(tmp_path / f"{units}.nii.gz", affine, affine, units=units)
         with pytest.raises(ImageReadError, match=re.escape(f"has voxels of {spacing} mm, outside the 0.01-100 mm")):
             read_image(path)
+    # A 4D file is refused as 4D whatever its time step (not as voxels of 2000 mm).
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.full((30, 30, 20, 3), -1000, np.int16), affine)
+    image.header.set_zooms((0.8, 0.8, 2.5, 2000.0))
+    nibabel.save(image, str(tmp_path / "4d.nii.gz"))
+    with pytest.raises(ImageReadError, match="the image is 4D"):
+        read_image(str(tmp_path / "4d.nii.gz"))
     # A label is held to the same: it would land elsewhere than the viewer shows it.
     label = _nifti(tmp_path / "label.nii.gz", affine, shifted, sform_code=2)
     with pytest.raises(ImageReadError, match="holds two transforms"):

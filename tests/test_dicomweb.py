@@ -343,6 +343,17 @@ def test_a_final_label_is_written_on_the_series_grid_and_one_off_the_series_is_4
     r = put(lost, "lost.nii.gz")
     assert r.status_code == 422, f"{r.status_code}: {r.text[:300]}"
     assert r.json()["detail"] == "the label cannot be saved: the label lies outside its image"
+    # Refused by its header (lengths in metres): the message says "the label", not the server's temporary name.
+    import nibabel
+
+    metres = nibabel.Nifti1Image(np.ones((8, 8, 4), np.uint8), np.eye(4))
+    metres.header.set_xyzt_units(xyz="meter")
+    nibabel.save(metres, str(tmp_path / "metres.nii.gz"))
+    r = requests.put(f"{dicomweb_server.url}/datastore/label", params={"image": phantom.series_uid, "tag": "final"},
+                     data={"params": json.dumps({"label_info": [{"name": "liver", "idx": 1}]})},
+                     files={"label": ("metres.nii.gz", (tmp_path / "metres.nii.gz").read_bytes())}, timeout=300)
+    assert r.status_code == 422, f"{r.status_code}: {r.text[:300]}"
+    assert r.json()["detail"].startswith("the label cannot be saved: the label has voxels of 1000 x 1000 x 1000 mm")
     assert set(orthanc.find("Series", {"Modality": "SEG"})) == before
 
     # The liver drawn on a coarser grid (2 mm more in-plane per voxel): written on the series' own grid, every

@@ -34,7 +34,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 from raps3d import ImageError, check_volume
 
-from .images import Geometry, ImageReadError, read_geometry, read_image, read_label_on_grid
+from .images import ImageReadError, read_geometry, read_image, read_label_on_grid, same_grid
 from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
@@ -198,11 +198,6 @@ def check_image(image: UploadFile, existing: str = "") -> bool:
         return same_grid(geometry, read_geometry(existing)) and np.array_equal(volume, read_image(existing)[0])
     except ImageReadError:
         return False  # the stored file no longer reads: not the same image
-
-
-def same_grid(a: Geometry, b: Geometry) -> bool:
-    return a.size == b.size and all(np.allclose(x, y, rtol=0, atol=1e-4) for x, y in (
-        (a.spacing, b.spacing), (a.origin, b.origin), (a.direction, b.direction)))
 
 
 def install(fastapi_app=None) -> bool:

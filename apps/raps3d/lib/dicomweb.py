@@ -14,6 +14,10 @@
   converted or a label that cannot be written as SEG, 507 or 500 when this server cannot write its cache) instead of
   MONAI Label's bare 500; so does saving an empty ``final`` label (400).
 
+- A ``final`` label is checked as the local datastore checks labels (outside the series, not a label map: 422) and,
+  where it has its own grid, resampled onto the series' grid first: the DICOM SEG writer takes the label's grid as
+  it comes, so its frames would lie on no slice of the series.
+
 Everything else (listing series, caching, writing ``final`` labels back as DICOM SEG) is MONAI Label's own
 ``DICOMWebDatastore``, configured by its usual settings (``MONAI_LABEL_DICOMWEB_*``, ``MONAI_LABEL_*_PREFIX``).
 """
@@ -31,6 +35,7 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
 import requests
 import SimpleITK as sitk
 from fastapi import HTTPException
@@ -42,7 +47,8 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from . import datastore_index
-from .images import ImageReadError, check_header, read_geometry, read_label_on_grid
+from .images import (ImageReadError, check_header, check_label_values, label_values, read_geometry, read_label_on_grid,
+                     same_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,8 @@ class StoredSyntaxClient(DICOMwebClientX):
 
 class Raps3DDICOMWebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore; a ``final`` label without any labelled voxel is refused (400) instead of
-    failing inside the DICOM SEG writer (a bare 500), and other failures to save one are clear HTTP errors."""
+    failing inside the DICOM SEG writer (a bare 500), one that does not fit the series is refused (422) or put on its
+    grid, and other failures to save one are clear HTTP errors."""
 
     def get_image_uri(self, image_id: str) -> str:
         # The server and its scoring subprocess may fetch the same series at once: one at a time here, or one would
@@ -140,8 +147,8 @@ class Raps3DDICOMWebDatastore(DICOMWebDatastore):
             raise HTTPException(status_code=400, detail="the label is empty: a final label is saved as DICOM SEG, "
                                                         "which needs at least one labelled voxel")
         series = fetch_series(self, image_id)  # MONAI Label's writing fetches it anyway
-        with _on_series_grid(label_filename, series) as on_grid, \
-                http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"):
+        with http_errors(image_id, "store the label of series", "the label cannot be written as DICOM SEG"), \
+                _on_series_grid(label_filename, series) as on_grid:
             try:
                 return super().save_label(image_id, on_grid, label_tag, label_info, label_id)
             except FileNotFoundError as e:
@@ -181,10 +188,19 @@ def _on_series_grid(label_file: str, series: str):
     try:
         geometry = read_geometry(series)
         on_grid = read_label_on_grid(label_file, geometry)
-        same = read_geometry(label_file, "a label map") == geometry
-    except ImageReadError as e:  # without the name of MONAI Label's temporary copy
-        reason = str(e).replace(f" {os.path.basename(label_file)!r}", "")
-        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {reason}") from None
+        same = same_grid(read_geometry(label_file, "a label map"), geometry)
+        if not same:
+            # The SEG writer names segments by their order: a structure smaller than a voxel of the series, gone in
+            # the resampling, would give the next one its name.
+            original = sitk.ReadImage(label_file)  # kept: the array view below reads its buffer
+            voxels = sitk.GetArrayViewFromImage(original)
+            check_label_values(voxels, os.path.basename(label_file))
+            lost = sorted(label_values(voxels) - label_values(on_grid))
+            if lost:
+                raise ImageReadError(f"the label's structures {lost[:10]} vanish on the series' grid (smaller than "
+                                     "its voxels): draw them on the series' own grid")
+    except ImageReadError as e:
+        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {_unnamed(e, label_file)}") from None
     if same:
         yield label_file
         return
@@ -209,16 +225,21 @@ def series_lock(image_dir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _unnamed(error: ImageReadError, label_file: str) -> str:
+    """The reason, with "the label" for the name of MONAI Label's temporary copy of it (which tells a client
+    nothing)."""
+    name = repr(os.path.basename(label_file))
+    return str(error).replace(f"the label {name}", "the label").replace(name, "the label")
+
+
 def _is_empty(label_file: str) -> bool:
     """Whether a label file has no labelled voxel (an ITK-readable image, or OHIF's raw uint8 ``.bin``)."""
-    import numpy as np
-
     if label_file.endswith(".bin"):
         return not np.fromfile(label_file, dtype=np.uint8).any()
     try:
         check_header(label_file, "a label map")
     except ImageReadError as e:
-        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {e}") from None
+        raise HTTPException(status_code=422, detail=f"the label cannot be saved: {_unnamed(e, label_file)}") from None
     try:
         stats = sitk.StatisticsImageFilter()
         stats.Execute(sitk.Cast(sitk.ReadImage(label_file), sitk.sitkFloat32))

@@ -194,8 +194,8 @@ def check_header(path: str, what: str = "an image") -> None:
     if voxels > MAX_VOXELS:
         raise ImageReadError(f"{name!r} is {' x '.join(map(str, size))} = {voxels:,} voxels, more "
                              f"than the {MAX_VOXELS:,} this server opens (512 x 512 x 2048)")
-    if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in geometry.spacing):
-        spacing = " x ".join(f"{s:g}" for s in geometry.spacing)
+    if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in geometry.spacing[:3]):  # not time
+        spacing = " x ".join(f"{s:g}" for s in geometry.spacing[:3])
         raise ImageReadError(f"{name!r} has voxels of {spacing} mm, outside the {SPACING_RANGE_MM[0]:g}-"
                              f"{SPACING_RANGE_MM[1]:g} mm of any CT: its length unit is likely wrong (as in a NIfTI file whose "
                              "xyzt_units say metres or micrometres where it means millimetres)")
@@ -209,8 +209,8 @@ def check_header(path: str, what: str = "an image") -> None:
 def read_image(path: str) -> tuple[np.ndarray, Geometry]:
     """Voxels (z, y, x) in the file's own data type, and the image geometry. An image from a DICOM series that would
     be a distorted volume (gantry tilt, uneven slice gaps) is refused; an enhanced CT file's rescale that only its
-    functional groups hold is applied. Images larger than MAX_VOXELS, and headers naming a data file elsewhere, are
-    refused before their voxels are read."""
+    functional groups hold is applied. What its header alone shows (``check_header``: too large, a data file
+    elsewhere, voxel sizes no CT has, NIfTI transforms that disagree) is refused before any voxel is read."""
     check_header(path)
     folder = source_series_folder(path)
     series_uid = None
@@ -310,7 +310,7 @@ def _check_hounsfield(volume: np.ndarray, name: str) -> None:
 def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
     """A label map (z, y, x) on the voxel grid of the image with ``geometry``: resampled (nearest neighbour, 0
     outside) where the file has its own grid, as a DICOM SEG read back does (it covers only the labelled slices).
-    Refused like an image when larger than MAX_VOXELS or naming a data file elsewhere."""
+    Refused by its header as an image is (``check_header``), and when labelled voxels lie outside the image."""
     check_header(path, "a label map")  # its name is the image's: say which file failed
     try:
         label = sitk.ReadImage(path)
@@ -336,29 +336,47 @@ def read_label_on_grid(path: str, geometry: Geometry) -> np.ndarray:
 
 
 def _labelled_outside(label: sitk.Image, image: sitk.Image) -> tuple[int, int]:
-    """How many labelled voxels of ``label`` have their centre outside the image grid ``image`` (by more than half a
-    voxel, as nearest-neighbour resampling takes it), of how many. Resampling onto the image drops those without a
-    word; a label that lost its position (or belongs to another image) partly overlapping the image is the usual
-    cause."""
-    labelled = np.flatnonzero(sitk.GetArrayViewFromImage(label))
-    if labelled.size == 0:
+    """How many labelled voxels of ``label`` lie wholly outside the grid of ``image`` (nothing of them is within
+    half an image voxel of its edge), of how many. Resampling onto the image drops those without a word; a label
+    that lost its position (or belongs to another image) partly overlapping the image is the usual cause. Read slice
+    by slice: no copy of the label is made."""
+    array = sitk.GetArrayViewFromImage(label)  # (z, y, x)
+    labelled = int(np.count_nonzero(array))
+    if not labelled:
         return 0, 0
-    zyx = np.stack(np.unravel_index(labelled, label.GetSize()[::-1]), axis=1)
-    lows, highs = zyx.min(axis=0), zyx.max(axis=0)
-    corners = [(int(x), int(y), int(z)) for z in (lows[0], highs[0]) for y in (lows[1], highs[1])
-               for x in (lows[2], highs[2])]
-    if all(_inside(image, label.TransformIndexToPhysicalPoint(c)) for c in corners):
-        return 0, int(labelled.size)  # the image's box is convex: all of the labelled box inside it, all voxels are
-    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(image)
-    inside = sitk.Resample(ones, label, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    outside = int(np.count_nonzero(sitk.GetArrayViewFromImage(inside).ravel()[labelled] == 0))
-    return outside, int(labelled.size)
+    to_image = _index_map(label, image)
+    # The image spans -0.5 to size - 0.5 in its voxel indices; a label voxel reaches half its own extent along each
+    # axis from its centre (a coarse voxel whose centre lies beyond the edge still covers the image's last voxels).
+    half_extent = 0.5 * np.abs(to_image[:, :3]).sum(axis=1)
+    low, high = -0.5 - half_extent, np.asarray(image.GetSize(), np.float64) - 0.5 + half_extent
+
+    def outside(ijk: np.ndarray) -> np.ndarray:
+        index = ijk @ to_image[:, :3].T + to_image[:, 3]
+        return np.any((index <= low) | (index >= high), axis=1)
+
+    slices = [k for k in range(array.shape[0]) if array[k].any()]
+    rows = np.flatnonzero(np.any([array[k].any(axis=1) for k in slices], axis=0))
+    columns = np.flatnonzero(np.any([array[k].any(axis=0) for k in slices], axis=0))
+    corners = np.array([(i, j, k) for i in (columns[0], columns[-1]) for j in (rows[0], rows[-1])
+                        for k in (slices[0], slices[-1])], np.float64)
+    if not outside(corners).any():
+        return 0, labelled  # the image's box is convex: the labelled box inside it, every labelled voxel is
+    count = 0
+    for k in slices:
+        j, i = np.nonzero(array[k])
+        count += int(np.count_nonzero(outside(np.stack([i, j, np.full_like(i, k)], axis=1).astype(np.float64))))
+    return count, labelled
 
 
-def _inside(image: sitk.Image, point) -> bool:
-    index = np.asarray(image.TransformPhysicalPointToContinuousIndex(point))
-    return bool(np.all(index >= -0.5) and np.all(index <= np.asarray(image.GetSize()) - 0.5))
+def _index_map(source: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """The 3 x 4 affine map from voxel indices (i, j, k) of ``source`` to continuous voxel indices of ``target``."""
+    def to_world(image):
+        direction = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
+        return direction * np.asarray(image.GetSpacing(), np.float64), np.asarray(image.GetOrigin(), np.float64)
+
+    (m_source, o_source), (m_target, o_target) = to_world(source), to_world(target)
+    inverse = np.linalg.inv(m_target)
+    return np.concatenate([inverse @ m_source, (inverse @ (o_source - o_target))[:, None]], axis=1)
 
 
 def check_label_values(label: np.ndarray, name: str) -> None:
@@ -376,13 +394,27 @@ def check_label_values(label: np.ndarray, name: str) -> None:
                              "structures 1, 2, ...")
     if high > 65535:
         raise ImageReadError(f"the label {name!r} holds values up to {high:g}; a label map's are at most 65535")
-    present = np.zeros(int(high) + 1, dtype=bool)
-    for plane in label.reshape(len(label), -1):  # slice by slice: no full-size copy
-        present[plane.astype(np.int64)] = True
-    count = int(np.count_nonzero(present[1:]))
+    count = len(label_values(label) - {0})
     if count > MAX_LABEL_VALUES:
         raise ImageReadError(f"the label {name!r} holds {count} different structure values, more than the "
                              f"{MAX_LABEL_VALUES} a label map is taken to have: it looks like an image, not a label map")
+
+
+def same_grid(a: Geometry, b: Geometry) -> bool:
+    """The same voxel grid, to within the rounding of file formats (1e-4 mm, 1e-4 in the direction cosines)."""
+    return a.size == b.size and all(np.allclose(x, y, rtol=0, atol=1e-4) for x, y in (
+        (a.spacing, b.spacing), (a.origin, b.origin), (a.direction, b.direction)))
+
+
+def label_values(label: np.ndarray) -> set[int]:
+    """The values a label map holds (whole numbers from 0 up, as ``check_label_values`` makes sure), read slice by
+    slice: no full-size copy."""
+    if label.size == 0:
+        return set()
+    present = np.zeros(int(label.max()) + 1, dtype=bool)
+    for plane in label.reshape(len(label), -1):
+        present[plane.astype(np.int64)] = True
+    return set(np.flatnonzero(present).tolist())
 
 
 def read_geometry(path: str, what: str = "an image") -> Geometry:

@@ -56,11 +56,11 @@ def check_unpackable(upload: UploadFile) -> None:
     and holding one. MONAI Label fails on anything else with a bare 500, leaving the upload and two folders in the
     temporary folder."""
     name = get_basename(upload.filename) if upload.filename else ""
-    kinds = [kind for kind, extensions, _ in shutil.get_unpack_formats() if name.lower().endswith(tuple(extensions))]
+    kinds = [kind for kind, extensions, _ in shutil.get_unpack_formats() if name.endswith(tuple(extensions))]
     if not kinds:
         known = ", ".join(sorted(e for _, extensions, _ in shutil.get_unpack_formats() for e in extensions))
         raise HTTPException(status_code=400, detail=f"uncompress=true takes an archive ({known}); {name[:200]!r} is "
-                                                    "not named as one")
+                                                    "not named as one (the suffix in lower case)")
     f = upload.file
     try:
         f.seek(0)
