@@ -734,6 +734,41 @@ def test_a_dicom_series_folder_reads_like_its_nifti():
     np.testing.assert_allclose(g_dicom.origin, g_nifti.origin, atol=1e-4)
 
 
+def test_expired_sessions_are_removed_also_those_made_before_a_restart(tmp_path):
+    """MONAI Label's cleanup does nothing while its process holds no session: after a restart, the CT images 3D
+    Slicer uploaded before it stayed on disk for good."""
+    import json
+    import time
+
+    from lib.session_route import remove_expired_sessions
+    from monailabel.utils.sessions import Sessions
+
+    store = tmp_path / "sessions"
+    now = time.time()
+
+    def made(session_id: str, last_access: float, record: bool = True, image: bool = True):
+        folder = store / session_id
+        folder.mkdir(parents=True)
+        if image:
+            (folder / "ct.nii.gz").write_bytes(b"ct")
+        if record:
+            (folder / "meta.info").write_text(json.dumps({
+                "name": session_id, "path": str(folder), "image": str(folder / "ct.nii.gz"), "meta": {},
+                "create_ts": int(last_access), "last_access_ts": int(last_access), "expiry": 600}))
+        return folder
+
+    old = made("expired", now - 3600)
+    fresh = made("fresh", now - 60)
+    being_made = made("being-made", now, record=False)  # its record not written yet
+    stale = made("no-record", now, record=False)
+    os.utime(stale, (now - 7200, now - 7200))
+    dangling = made("dangling", now - 60, image=False)
+    sessions = Sessions(str(store), expiry=3600)  # a new process: none of them in memory
+    assert remove_expired_sessions(sessions, now) == 3
+    assert not old.exists() and not stale.exists() and not dangling.exists()
+    assert fresh.exists() and being_made.exists()
+
+
 # -- options ----------------------------------------------------------------------------------------------------------
 def test_options_from_conf_then_environment_then_defaults():
     assert AppOptions.from_conf({}, {}).model_path == DEFAULT_MODEL_PATH

@@ -140,6 +140,13 @@ class Raps3DApp(MONAILabelApp):
             return self._local_request("/scoring/", params, "Scoring")
         return super().async_scoring(method, params)
 
+    def cleanup_sessions(self):
+        # Run at start and every 5 minutes by MONAI Label, whose own cleanup skipped sessions made before a restart.
+        if self._sessions is not None:
+            count = session_route.remove_expired_sessions(self._sessions)
+            if count:
+                logger.info(f"Raps-3D: {count} expired session(s) removed")
+
     def on_init_complete(self):
         super().on_init_complete()
         try:

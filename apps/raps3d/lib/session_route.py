@@ -6,12 +6,17 @@ extraction filter: a member named ``../../x`` or ``/x``, or a link, would be wri
 anywhere the server may write. Such an archive is refused here (400) before anything is unpacked. The session itself
 is MONAI Label's (``create_session``), with the same parameters and role. (Zip archives are unpacked by ``zipfile``,
 which keeps every member inside the target folder.)
+
+Expired sessions are removed here too (``remove_expired_sessions``, which the app runs where MONAI Label runs its
+own cleanup): MONAI Label's skipped those made before the server's last start.
 """
 
 import logging
+import os
 import pathlib
 import shutil
 import tarfile
+import time
 import zipfile
 from typing import List
 
@@ -88,6 +93,39 @@ async def raps3d_create_session(  # on the event loop, as MONAI Label's route
                 check_unpackable(upload)
             check_archive(upload)
     return create_session(background_tasks, uncompress, expiry, files)
+
+
+def remove_expired_sessions(sessions, now: float | None = None) -> int:
+    """Removes MONAI Label's sessions (3D Slicer's uploaded images: patients' CT) that have expired, whether or not
+    this process has seen them; returns how many. MONAI Label's own cleanup does nothing while it holds no session
+    in memory, so after a restart the sessions made before it stayed on disk for good, and it stops at the first
+    folder without a record. A folder without one is removed only when it is older than the longest expiry: it may
+    be a session being made."""
+    store = sessions.store_path
+    if not os.path.isdir(store):
+        return 0
+    now = time.time() if now is None else now
+    removed = 0
+    for session_id in os.listdir(store):
+        folder = os.path.join(store, session_id)
+        if not os.path.isdir(folder):
+            continue
+        try:
+            info = sessions.get_session(session_id, update_ts=False, fetch_cache=False)
+        except (OSError, ValueError) as e:  # a record that cannot be read is no record
+            logger.warning(f"Raps-3D: session {session_id!r} has an unreadable record: {e}")
+            info = None
+        if not os.path.isdir(folder):  # its image was gone: MONAI Label's reading removed it
+            removed += 1
+            continue
+        if info is None:
+            expired = os.path.getmtime(folder) + sessions.expiry < now
+        else:
+            expired = info.expiry > 0 and info.last_access_ts + info.expiry < now
+        if expired:
+            sessions.remove_session(session_id)
+            removed += 1
+    return removed
 
 
 def install(fastapi_app=None) -> bool:
