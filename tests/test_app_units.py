@@ -647,14 +647,15 @@ def test_a_label_partly_outside_its_image_is_refused_with_how_much_is_outside(tm
     geometry = Geometry((40, 30, 20), (1.0, 1.0, 2.0), (10.0, 20.0, 30.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     full = np.zeros((20, 30, 40), np.uint8)
     full[5:10, 10:20, 30:40] = 1  # 500 voxels, up to the image's last column
-    for shift, outside in [(0.0, 0), (0.4, 0), (3.0, 150)]:  # mm along x: 0.4 is the same voxels, 3 pushes 3 columns out
+    # Shifted along x (mm): 0.4 keeps the same voxels, 3 pushes 3 columns out.
+    for shift, outside in [(0.0, 0), (0.4, 0), (3.0, 150)]:
         label = sitk.GetImageFromArray(full)
         label.SetSpacing(geometry.spacing)
         label.SetOrigin((10.0 + shift, 20.0, 30.0))
         sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
         if outside:
-            with pytest.raises(ImageReadError, match=f"^{outside} of the 500 labelled voxels of the label 'label.nii.gz' "
-                                                     "lie outside its image"):
+            with pytest.raises(ImageReadError, match=f"^{outside} of the 500 labelled voxels of the label "
+                                                     "'label.nii.gz' lie outside its image"):
                 read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry)
         else:
             np.testing.assert_array_equal(read_label_on_grid(str(tmp_path / "label.nii.gz"), geometry), full)

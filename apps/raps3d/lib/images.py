@@ -197,8 +197,8 @@ def check_header(path: str, what: str = "an image") -> None:
     if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in geometry.spacing[:3]):  # not time
         spacing = " x ".join(f"{s:g}" for s in geometry.spacing[:3])
         raise ImageReadError(f"{name!r} has voxels of {spacing} mm, outside the {SPACING_RANGE_MM[0]:g}-"
-                             f"{SPACING_RANGE_MM[1]:g} mm of any CT: its length unit is likely wrong (as in a NIfTI file whose "
-                             "xyzt_units say metres or micrometres where it means millimetres)")
+                             f"{SPACING_RANGE_MM[1]:g} mm of any CT: its length unit is likely wrong (as in a NIfTI "
+                             "file whose xyzt_units say metres or micrometres where it means millimetres)")
     disagreement = transform_disagreement_mm(path)
     if disagreement is not None and disagreement[0] > 0.5 * disagreement[1]:
         raise ImageReadError(f"{name!r} holds two transforms (NIfTI qform and sform) that place it up to "

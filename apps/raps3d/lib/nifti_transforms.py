@@ -35,7 +35,8 @@ def transform_disagreement_mm(path: str) -> tuple[float, float] | None:
     if not qform_code or not sform_code or qform is None or sform is None:
         return None
     shape = tuple(header.get_data_shape()[:3]) + (1, 1, 1)  # a 2D file has fewer axes: ITK's reading says so
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
     apart = np.linalg.norm(corners @ (qform - sform).T, axis=1).max()
     spacing = np.abs(np.asarray(header.get_zooms()[:3], dtype=np.float64))
     return float(apart), float(spacing.min())
