@@ -36,7 +36,7 @@ def shown(cases: list[Case], order: tuple, axes: tuple) -> list[Case]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "model" / "raps3d_lite.pt"))
     p.add_argument("--openkbp", type=int, default=8, help="OpenKBP validation patients")
     p.add_argument("--lidc", type=int, default=60, help="held-out LIDC nodules")

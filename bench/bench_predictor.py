@@ -88,7 +88,8 @@ def bench_volume(engine: Engine, volume, spacing, reference, repeats: int) -> di
         assert obj.result.cache_hit
         far = tuple(min(s + 6, n - 1) if s + 6 < n else max(a0 - 6, 0)
                     for s, a0, n in zip(roi.stop, roi.start, volume.shape))
-        outside.append(timed(lambda: obj.add_point(far, positive=False).update(buffer))[0])
+        # A positive click beyond the region grows it (a negative one there changes nothing: the mask is empty).
+        outside.append(timed(lambda: obj.add_point(far, positive=True).update(buffer))[0])
         plain = InteractiveObject(image, use_cache=False)
         plain.add_box(z, a, b)
         no_cache.append(timed(lambda: plain.add_point(near, positive=True).update(buffer))[0])

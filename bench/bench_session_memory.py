@@ -2,7 +2,8 @@
 
 On a real CT resampled to 512 x 512 x 300 (as in bench_predictor.py), one object gets a box on the liver and then
 corrective clicks (the evaluation protocol's: the centre of the largest error region; a random liver voxel once the
-mask has none left). Prints the process's resident memory after some of the clicks, and how long an undo takes
+mask has none left). Prints the process's resident memory (after freed memory is handed back) after some of the
+clicks, and how long an undo takes
 (the undo history keeps low-resolution logits; the mask is rebuilt on undo).
 
     python bench/bench_session_memory.py [--clicks 40] [--model model/raps3d_lite.pt]
@@ -11,6 +12,7 @@ mask has none left). Prints the process's resident memory after some of the clic
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 from pathlib import Path
 
@@ -22,6 +24,12 @@ from raps3d.training.clicks import corrective_click, largest_slice_box
 
 
 def resident_mb() -> float:
+    """Resident memory after the C allocator has handed freed memory back: the click simulation's full-volume
+    temporaries, freed but kept mapped by glibc, would otherwise read as memory the object holds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the reading includes what the allocator keeps
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
