@@ -287,7 +287,8 @@ def test_uncompress_takes_only_an_archive(server):
         r = session_of(server, content, name, uncompress=True)
         assert r.status_code == 400, r.text
         assert r.json()["detail"] == detail
-    assert set(scratch.iterdir()) == before
+    # Nothing new (an earlier request's folder may be removed meanwhile, after its reply).
+    assert set(scratch.iterdir()) <= before
 
 
 def test_a_session_upload_whose_name_names_a_folder_is_400(server):

@@ -47,7 +47,7 @@ def test_a_label_upload_and_dicom_seg_output_are_400_before_anything_runs(server
     r = server.infer(IMAGE, {"foreground": [CLICK], "label_info": [{"name": "liver"}]}, output="dicom_seg")
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith("output 'dicom_seg' is not offered")
-    assert set(scratch.iterdir()) == before
+    assert set(scratch.iterdir()) <= before  # nothing new (an earlier request's folder may go meanwhile)
 
 
 def test_unknown_image_is_404(server):
