@@ -25,11 +25,11 @@ LOGIT_FLOOR = -20.0
 HU_WINDOW = (-500.0, 1000.0)
 
 
-
 def voxel_index(c: float) -> int:
     """The voxel holding position ``c``: voxel n spans n - 0.5 to n + 0.5 (halves go up, not to the even
     neighbour, as ``Box.contains`` counts them)."""
     return int(math.floor(c + 0.5))
+
 
 @dataclass(frozen=True)
 class Box:

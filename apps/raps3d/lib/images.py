@@ -354,9 +354,13 @@ def _labelled_outside(label: sitk.Image, image: sitk.Image) -> tuple[int, int]:
         index = ijk @ to_image[:, :3].T + to_image[:, 3]
         return np.any((index <= low) | (index >= high), axis=1)
 
-    slices = [k for k in range(array.shape[0]) if array[k].any()]
-    rows = np.flatnonzero(np.any([array[k].any(axis=1) for k in slices], axis=0))
-    columns = np.flatnonzero(np.any([array[k].any(axis=0) for k in slices], axis=0))
+    slices, rows, columns = [], np.zeros(array.shape[1], bool), np.zeros(array.shape[2], bool)
+    for k, plane in enumerate(array):  # the labelled box, in one pass
+        if plane.any():
+            slices.append(k)
+            rows |= plane.any(axis=1)
+            columns |= plane.any(axis=0)
+    rows, columns = np.flatnonzero(rows), np.flatnonzero(columns)
     corners = np.array([(i, j, k) for i in (columns[0], columns[-1]) for j in (rows[0], rows[-1])
                         for k in (slices[0], slices[-1])], np.float64)
     if not outside(corners).any():

@@ -164,8 +164,7 @@ def main(argv=None) -> None:
                       bf16=args.bf16, fresh_lr_scale=args.fresh_lr_scale,
                       freeze=tuple(args.freeze))
     meta = train(model, cases, out, cfg, validate=(lambda m: quick_dice(m, val_samples)) if val_samples else None,
-                 resume=resume,
-                 dataset_weights=weights, meta=meta, keep_resume_state=True, fresh=fresh)
+                 resume=resume, dataset_weights=weights, meta=meta, keep_resume_state=True, fresh=fresh)
     print(json.dumps(meta["train_state"]["history"][-1]), flush=True)
 
 
