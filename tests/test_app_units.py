@@ -770,6 +770,30 @@ def test_expired_sessions_are_removed_also_those_made_before_a_restart(tmp_path)
     assert fresh.exists() and being_made.exists()
 
 
+def test_an_index_refresh_that_meets_the_file_watcher_is_tried_again_and_never_raises(caplog):
+    """MONAI Label's file watcher reconciles the index in its own thread, without a lock: a refresh run meanwhile
+    can fail with "dictionary changed size during iteration" (a label removal answered 500 once, its file gone)."""
+    from lib import datastore_index
+
+    class Racing:  # a datastore whose reconciliation meets the watcher ``fails`` times
+        def __init__(self, fails):
+            self.fails, self.calls = fails, 0
+
+        def refresh(self):
+            self.calls += 1
+            if self.calls <= self.fails:
+                raise RuntimeError("dictionary changed size during iteration")
+
+    once = Racing(fails=2)
+    datastore_index.refresh(once)
+    assert once.calls == 3
+    always = Racing(fails=99)
+    with caplog.at_level("WARNING"):
+        datastore_index.refresh(always)
+    assert always.calls == datastore_index.REFRESH_ATTEMPTS
+    assert "the datastore index could not be refreshed (dictionary changed size during iteration)" in caplog.text
+
+
 # -- options ----------------------------------------------------------------------------------------------------------
 def test_options_from_conf_then_environment_then_defaults():
     assert AppOptions.from_conf({}, {}).model_path == DEFAULT_MODEL_PATH

@@ -46,6 +46,24 @@ def reload(datastore: Datastore) -> None:
             _read(datastore)
 
 
+REFRESH_ATTEMPTS = 5
+
+
+def refresh(datastore: Datastore) -> None:
+    """MONAI Label's reconciliation of the index with the files on disk. Its file watcher runs the same in a thread of
+    its own, on the same dictionaries and with no lock, so the two can meet ("dictionary changed size during
+    iteration"): tried again a few times, then left to the watcher, with a warning."""
+    for attempt in range(REFRESH_ATTEMPTS):
+        try:
+            datastore.refresh()
+            return
+        except RuntimeError as e:
+            if attempt == REFRESH_ATTEMPTS - 1:
+                logger.warning(f"Raps-3D: the datastore index could not be refreshed ({e}); its file watcher will")
+            else:
+                time.sleep(0.05 * (attempt + 1))
+
+
 def write_infos(datastore: Datastore, infos: dict[str, dict]) -> dict[str, str]:
     """Adds ``infos`` ({image id: info}) to the images' infos in one write; returns {image id: why} for those that
     could not be written (removed from the datastore meanwhile, or the file could not be written)."""

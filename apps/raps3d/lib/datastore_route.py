@@ -34,6 +34,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 from raps3d import ImageError, check_volume
 
+from . import datastore_index
 from .images import ImageReadError, read_geometry, read_image, read_label_on_grid, same_grid
 from .routes import check_plain_name, parse_params, put_first, remove_uploads
 
@@ -149,7 +150,7 @@ async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(setti
     if isinstance(store, LocalDatastore) and not isinstance(store, DICOMWebDatastore):
         # MONAI Label leaves the index to its file watcher, which watches only the tag folders there were at start:
         # a label of a tag made since (an infer request's label_tag) stayed listed once its file was gone.
-        store.refresh()
+        datastore_index.refresh(store)  # the label file is gone already: a failed refresh must not make this a 500
     return removed
 
 
