@@ -159,6 +159,20 @@ def test_strategy_never_hands_out_an_image_with_a_final_label(tmp_path):
     assert strategy({"strategy": STRATEGY}, datastore) is None
 
 
+def test_malformed_image_info_written_by_a_client_does_not_stop_the_strategy(tmp_path):
+    """Any client may write image info (PUT /datastore/image/info); one bad record answered every next-sample request
+    with a 500."""
+    datastore, studies, MostUncertain = _scored_phantoms(tmp_path)
+    datastore.update_image_info("phantom_01", {"strategy": "oops"})
+    datastore.update_image_info("phantom_02", {"strategy": {STRATEGY: {"ts": "soon"}}, SCORING: float("inf"),
+                                               f"{SCORING}_details": "text"})
+    datastore.update_image_info("phantom_03", {"strategy": {STRATEGY: "yesterday"}})
+    strategy = MostUncertain(reserve_seconds=600.0)
+    handed = [strategy.next_fetchable({"strategy": STRATEGY}, datastore)["id"] for _ in range(3)]
+    # phantom_02's infinite score counts as none: after the scored ones.
+    assert handed == ["phantom_01", "phantom_03", "phantom_02"]
+
+
 def test_quick_hand_outs_go_to_different_images_and_a_missing_file_is_set_aside(tmp_path):
     """The strategy keeps its own hand-out times, exact: MONAI Label's record in the datastore is to the second, and
     a scoring process writing the datastore can undo it. A file removed behind the datastore's back is not handed

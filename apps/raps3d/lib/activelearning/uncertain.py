@@ -13,6 +13,7 @@ run), the first unlabeled image by name is returned.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -27,6 +28,19 @@ logger = logging.getLogger(__name__)
 
 SET_ASIDE_SECONDS = 3600
 MAX_SET_ASIDE_PER_REQUEST = 5
+
+
+def _handed_out_at(info: dict, strategy: str) -> float:
+    """When MONAI Label recorded handing the image out (0 if never). Image info can be written by any client
+    (``PUT /datastore/image/info``): one malformed record must not stop every annotator's next-sample request."""
+    record = info.get("strategy")
+    record = record.get(strategy) if isinstance(record, dict) else None
+    ts = record.get("ts") if isinstance(record, dict) else None
+    try:
+        ts = float(ts or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return ts if math.isfinite(ts) else 0.0
 
 
 class MostUncertain(Strategy):
@@ -75,12 +89,12 @@ class MostUncertain(Strategy):
             if now - self._set_aside.get(image_id, -SET_ASIDE_SECONDS) < SET_ASIDE_SECONDS:
                 continue
             info = datastore.get_image_info(image_id)
-            if (info.get(DETAILS_KEY) or {}).get("error"):
+            details = info.get(DETAILS_KEY)
+            if isinstance(details, dict) and details.get("error"):
                 continue
-            served = max(float((info.get("strategy") or {}).get(strategy, {}).get("ts", 0) or 0),
-                         self._handed_out.get(image_id, 0.0))
+            served = max(_handed_out_at(info, strategy), self._handed_out.get(image_id, 0.0))
             score = info.get(SCORE_KEY)
-            score = float(score) if isinstance(score, (int, float)) else None
+            score = float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
             recently_served = now - served < self.reserve_seconds
             # When every image is out, the one handed out longest ago: more annotators than images then still
             # spread over the images instead of all getting the most uncertain one.
