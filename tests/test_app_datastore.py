@@ -66,6 +66,18 @@ def test_an_inferred_label_is_saved_only_under_a_plain_tag(server):
     assert not (server.studies / "labels" / "../../escaped").exists()
 
 
+def test_save_label_is_a_yes_or_no_and_the_text_false_saves_nothing(server):
+    """MONAI Label tests ``save_label`` as it comes, so the text "false" saved the result over the tag's label."""
+    folder = server.studies / "labels" / "kept_unsaved"
+    r = server.infer(IMAGE, {"foreground": [CLICK], "save_label": "false", "label_tag": "kept_unsaved"})
+    assert r.status_code == 200, r.text
+    assert not folder.exists()
+    r = server.infer(IMAGE, {"foreground": [CLICK], "save_label": "later", "label_tag": "kept_unsaved"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "save_label must be true or false, got 'later'"
+    assert not folder.exists()
+
+
 def test_an_inferred_label_saved_under_a_tag_is_the_reply_on_the_images_grid(server):
     import numpy as np
     import SimpleITK as sitk
@@ -112,6 +124,8 @@ def labels_when_settled(server, image_id: str, removed_tag: str, timeout: float 
     ({"image": IMAGE, "tag": "final/../../../escaped"}, "the label tag must be a plain name"),
     ({"image": IMAGE, "tag": ".."}, "the label tag must be a plain name"),
     ({"image": "../escaped", "tag": "final"}, "the image id must be a plain name"),
+    ({"image": IMAGE, "tag": " final"}, "the label tag must not start or end with a space, got ' final'"),
+    ({"image": IMAGE, "tag": "t" * 300}, "the label tag must be at most 200 bytes long, got 300"),
 ])
 def test_a_label_upload_stays_inside_the_datastore(server, query, detail):
     scratch = server.log.parent / "tmp"
@@ -154,6 +168,11 @@ def test_an_image_upload_stays_inside_the_datastore(server, route):
         assert r.status_code == 400, (query, filename, r.text)
         assert r.json()["detail"].endswith(f"must be a plain name (no '/', '\\' or '..'), got {image_id!r}")
         assert image_id not in requests.get(listing, params={"output": "all"}, timeout=60).json()["objects"]
+    # Too long for a file name (the system's limit is 255 bytes): a 400, not the file system's error as a 500.
+    files = {"file": ("upload.nii.gz", ct, "application/octet-stream")}
+    r = requests.put(f"{server.url}{route}", params={"image": "é" * 150}, files=files, data={"params": "{}"},
+                     timeout=60)
+    assert r.status_code == 400 and r.json()["detail"].endswith("must be at most 200 bytes long, got 300"), r.text
     work = server.log.parent
     assert not list(work.glob("escaped*")) and not list(server.studies.glob("*escaped*"))
     assert not list(work.glob("*.nii.gz")), "nothing was written beside the datastore"

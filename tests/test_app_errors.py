@@ -27,6 +27,12 @@ CLICK = [80, 64, 24]
     ({"foreground": [CLICK], "result_extension": ".png"}, "result_extension '.png' is not supported"),
     ({"foreground": [CLICK], "result_dtype": "complex64"}, "result_dtype 'complex64' is not supported"),
     ({"foreground": [CLICK], "reset": True, "undo": True}, "either 'reset' or 'undo'"),
+    ({"foreground": [CLICK], "reset": "yes please"}, "'reset' must be true or false, got 'yes please'"),
+    ({"foreground": [CLICK], "undo": [1]}, "'undo' must be true or false"),
+    ({"foreground": [CLICK], "client_id": ["alice"]}, "'client_id' must be a name, got ['alice']"),
+    ({"foreground": [CLICK], "label": {"name": "liver"}}, "'label' must be a name, got {'name': 'liver'}"),
+    ({"foreground": [CLICK], "label": "L" * 201}, "'label' must be at most 200 characters, got 201"),
+    ({"foreground": [CLICK], "client_id": "c" * 300}, "'client_id' must be at most 200 characters, got 300"),
     ({"foreground": [CLICK] * 100, "background": [[1, 1, 1]] * 29}, "at most 128 points per object, got 129"),
 ])
 def test_malformed_prompts_are_400(server, params, fragment):
@@ -48,6 +54,24 @@ def test_a_label_upload_and_dicom_seg_output_are_400_before_anything_runs(server
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith("output 'dicom_seg' is not offered")
     assert set(scratch.iterdir()) <= before  # nothing new (an earlier request's folder may go meanwhile)
+
+
+def test_unknown_model_or_strategy_is_404_naming_what_there_is(server):
+    import requests
+
+    r = server.infer(IMAGE, {"foreground": [CLICK]}, model="segvol")
+    assert r.status_code == 404 and r.json()["detail"] == "no model 'segvol'; there is 'raps3d'", r.text
+    r = requests.post(f"{server.url}/activelearning/most_uncertain", json={}, timeout=60)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"].startswith("no strategy 'most_uncertain'; there is ") and "'raps3d_uncertain'" in r.text
+
+
+def test_params_nested_too_deeply_are_400(server):
+    import requests
+
+    r = requests.post(f"{server.url}/infer/raps3d", params={"image": IMAGE},
+                      data={"params": "[" * 100000 + "]" * 100000}, timeout=60)
+    assert r.status_code == 400 and r.json()["detail"] == "params is nested too deeply", r.text
 
 
 def test_unknown_image_is_404(server):

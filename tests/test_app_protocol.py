@@ -384,6 +384,19 @@ def test_segments_that_name_no_object_keep_their_sessions_apart(server):
     np.testing.assert_array_equal(three, fresh)
 
 
+def test_an_object_named_like_the_unnamed_ones_is_not_taken_for_one(server):
+    """A label 'object' (the name replies give unnamed objects) keeps its own session: an undo or reset that names
+    no object does not reach it."""
+    base = {"client_id": "named-object"}
+    server.infer_ok(IMAGE, {**base, "label": "object", "foreground": [CLICK]})
+    server.infer_ok(IMAGE, {**base, "label": "object", "foreground": [CLICK, [84, 60, 24]]})
+    r = server.infer(IMAGE, {**base, "undo": True})
+    assert r.status_code == 409 and r.json()["detail"].startswith("nothing to undo"), r.text
+    assert server.infer_ok(IMAGE, {**base, "reset": True}).json()["cache"] == "reset"
+    reply = server.infer_ok(IMAGE, {**base, "label": "object", "foreground": [CLICK, [84, 60, 24]]}).json()
+    assert reply["cache"] == "repeat", reply
+
+
 def test_a_client_keeps_a_bounded_number_of_unnamed_objects_per_image(server):
     import sys
 

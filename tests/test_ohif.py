@@ -63,6 +63,8 @@ def test_ohif_route_serves_nested_files_and_single_page_routes(dicomweb_server):
         assert r.status_code == 200 and r.content == index
     assert requests.get(f"{url}/assets/no-such-file.png", timeout=30).status_code == 404
     assert requests.get(f"{url}/%2e%2e/%2e%2e/config.py", timeout=30).status_code == 404
+    for name in ("%00", "app-config.js%00", "index.html%00.png"):  # was a 500 (a null byte in a file name)
+        assert requests.get(f"{url}/{name}", timeout=30).status_code == 404, name
 
 
 # -- Chromium over the DevTools protocol ----------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from monailabel.utils.async_tasks.utils import tasks
 from lib import activelearning_route, datastore_route, dicomweb, infer_route, ohif, session_route, train_route
 from lib.activelearning.uncertain import MostUncertain
 from lib.configs.raps3d import Raps3DConfig
-from lib.options import AppOptions
-from lib.routes import check_plain_name
+from lib.options import AppOptions, yes_no
+from lib.routes import check_tag
 from lib.trainers.raps3d import Raps3DTrain
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,12 @@ class Raps3DApp(MONAILabelApp):
         # MONAI Label replaces the image id by its path (or by "" when unknown): keep the id for messages.
         request = dict(request)
         request["image_id"] = request.get("image")
-        if request.get("save_label"):  # MONAI Label then saves the result under labels/<label_tag>/
-            check_plain_name(request.get("label_tag", "original"), "label_tag")
+        try:  # MONAI Label tests it as it comes: the text "false" would save the result (over a label of that tag)
+            request["save_label"] = yes_no(request.get("save_label", False), "save_label")
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        if request["save_label"]:  # MONAI Label then saves the result under labels/<label_tag>/
+            check_tag(request.get("label_tag", "original"), "label_tag")
         store = datastore or self.datastore()
         image = request.get("image")
         if isinstance(store, DICOMWebDatastore) and isinstance(image, str) and image and not os.path.exists(image):

@@ -16,8 +16,9 @@ from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
 
-from .routes import put_first
+from .routes import check_known, put_first
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ _HAND_OUT = threading.Lock()
 
 def raps3d_next_sample(strategy: str, params: Optional[dict] = None,
                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    check_known("strategy", strategy, app_instance()._strategies)
     with _HAND_OUT:
         return sample(strategy, params, user.username)
 

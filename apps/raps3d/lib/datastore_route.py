@@ -36,7 +36,7 @@ from raps3d import ImageError, check_volume
 
 from . import datastore_index
 from .images import ImageReadError, read_geometry, read_image, read_label_on_grid, same_grid
-from .routes import check_plain_name, parse_params, put_first, remove_uploads
+from .routes import check_plain_name, check_tag, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ async def raps3d_save_label(
 ):
     check_plain_name(image, "the image id")
     if tag:  # empty: MONAI Label's default tag, final
-        check_plain_name(tag, "the label tag")
+        check_tag(tag, "the label tag")
     parse_params(params)
     store = app_instance().datastore()
     # Over DICOMweb the datastore checks the label when it writes it as DICOM SEG (it fetches the series for that):
@@ -144,7 +144,7 @@ async def raps3d_remove_image(id: str, user: User = Depends(RBAC(settings.MONAI_
 
 async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
     check_plain_name(id, "the image id")
-    check_plain_name(tag, "the label tag")
+    check_tag(tag, "the label tag")
     removed = remove_label(id, tag, user.username)
     store = app_instance().datastore()
     if isinstance(store, LocalDatastore) and not isinstance(store, DICOMWebDatastore):

@@ -29,7 +29,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
 from .reply_encoding import encode_reply
-from .routes import check_plain_name, parse_params, put_first, remove_uploads
+from .routes import check_known, check_plain_name, parse_params, put_first, remove_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def raps3d_infer(
         raise HTTPException(status_code=400, detail="output 'dicom_seg' is not offered: ask for 'image', 'json' or "
                                                     "'all'; a label saved as final (PUT /datastore/label) is stored "
                                                     "on the DICOMweb server as DICOM SEG")
+    check_known("model", model, app_instance()._infers)
     session = live_session(session_id)
     if not image and file is None and not session:  # MONAI Label: a bare 500
         raise HTTPException(status_code=400, detail=(

@@ -51,6 +51,8 @@ def resolve(folder: str, path: str) -> str | None:
     path = path.strip("/")
     if not path:
         return index
+    if "\0" in path:  # no file has such a name (and os.path would raise)
+        return None
     candidate = os.path.realpath(os.path.join(folder, *path.split("/")))
     if os.path.commonpath([candidate, os.path.realpath(folder)]) != os.path.realpath(folder):
         return None  # outside the viewer's folder

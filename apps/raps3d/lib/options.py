@@ -21,8 +21,22 @@ DEFAULT_TRAINED_MODEL_PATH = APP_DIR / "model" / "raps3d_finetuned.pt"
 DEFAULT_LABELS = ("liver", "spleen", "right_kidney", "left_kidney", "aorta")
 
 ENV_PREFIX = "RAPS3D_"
+YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 logger = logging.getLogger(__name__)
+
+
+def yes_no(value, what: str) -> bool:
+    """A yes/no value as settings, forms and viewers send it: a JSON boolean or 0/1, or a word ('true', 'no', ...).
+    Anything else is a ValueError: read as "no" (or, for any non-empty text, as "yes") it could save a label over
+    an annotator's work or reset an object no one meant to reset."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in YES + NO:
+        return value.strip().lower() in YES
+    raise ValueError(f"{what} must be true or false, got {repr(value)[:80]}")
 
 
 @dataclass(frozen=True)
@@ -75,11 +89,7 @@ class AppOptions:
             value = raw(key)
             if value is None:
                 return default
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"option {key!r} must be true or false, got {value!r}")
+            return yes_no(value, f"option {key!r}")
 
         device = _checked_device((raw("device") or "auto").lower())
         result_dir = raw("result_dir") or ""

@@ -10,6 +10,8 @@ from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger(__name__)
 
+MAX_NAME_BYTES = 200
+
 
 def put_first(route: APIRoute, fastapi_app=None) -> bool:
     """Puts ``route`` before every other route; False when a route of that name is there already."""
@@ -27,6 +29,24 @@ def check_plain_name(value, what: str) -> None:
     if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
         raise HTTPException(status_code=400, detail=f"{what} must be a plain name (no '/', '\\' or '..'), "
                                                     f"got {str(value)[:80]!r}")
+    if len(value.encode()) > MAX_NAME_BYTES:  # the file system's limit is 255 bytes, with the datastore's suffixes
+        raise HTTPException(status_code=400, detail=f"{what} must be at most {MAX_NAME_BYTES} bytes long, got "
+                                                    f"{len(value.encode())}")
+
+
+def check_known(kind: str, name: str, known) -> None:
+    """A 404 naming what there is, unless ``name`` is one of ``known``: MONAI Label answers an unknown model or
+    strategy with a 500 (or starts a background run that then fails)."""
+    if name not in known:
+        raise HTTPException(status_code=404, detail=f"no {kind} {str(name)[:80]!r}; there is "
+                                                    + ", ".join(repr(k) for k in sorted(known)))
+
+
+def check_tag(value, what: str) -> None:
+    """``check_plain_name``, and no space around it: " final" would be a tag of its own, never counted as final."""
+    check_plain_name(value, what)
+    if value != value.strip():
+        raise HTTPException(status_code=400, detail=f"{what} must not start or end with a space, got {value[:80]!r}")
 
 
 def parse_params(params: str) -> dict:
@@ -35,6 +55,8 @@ def parse_params(params: str) -> dict:
         values = json.loads(params) if params else {}
     except ValueError as e:
         raise HTTPException(status_code=400, detail=f"params is not valid JSON: {e}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise HTTPException(status_code=400, detail="params is nested too deeply") from None
     if not isinstance(values, dict):
         raise HTTPException(status_code=400, detail="params must be a JSON object")
     return values

@@ -27,12 +27,14 @@ from ..images import GeometryCache, ImageReadError, image_key, read_for_model
 from ..infer_route import UPLOADED_PARAM
 from ..label_writers import LabelFormat, LabelFormatError, write_label
 from ..model_service import ModelService, ModelStatus
+from ..options import yes_no
 from ..prompts import PromptFormatError, PromptSet, parse_prompts
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIENT = "default"
 DEFAULT_LABEL = "object"
+UNNAMED = "unnamed object"  # the first part of the session key of an object that a client does not name
 MAX_REMEMBERED_CLIENTS = 1024  # (client, image) pairs whose unnamed objects are remembered
 MAX_UNNAMED_OBJECTS = 8  # unnamed objects kept per client and image
 LABEL_VALUE = 1  # the library's masks are 0/1; label_names maps the label's name to 1
@@ -43,22 +45,36 @@ DESCRIPTION = ("Raps-3D interactive 3D CT segmentation (class-agnostic): foregro
 
 
 def _flag(request: dict, name: str) -> bool:
-    value = request.get(name, False)
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
+    try:
+        return yes_no(request.get(name, False), f"'{name}'")
+    except ValueError as e:
+        raise PromptFormatError(str(e)) from None
+
+
+MAX_NAME_LENGTH = 200  # characters of a client id or a label; cut, two long names would share one object
+
+
+def _checked_name(value, what: str) -> str:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise PromptFormatError(f"'{what}' must be a name, got {repr(value)[:80]}")
+    name = str(value).strip()
+    if len(name) > MAX_NAME_LENGTH:
+        raise PromptFormatError(f"'{what}' must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
+    return name
 
 
 def client_of(request: dict) -> str:
     """Who is annotating: the ``client_id`` parameter (MONAI Label's clients send it), else a ``session`` parameter
     (a string, or MONAI Label's session record), else one shared default. MONAI Label 0.8.5 does not pass the
     authenticated user to infer tasks."""
-    for name in ("client_id", "session"):
-        value = request.get(name)
-        if isinstance(value, dict):
-            value = value.get("name") or value.get("session_id")
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
-            return str(value).strip()[:200]
+    client = request.get("client_id")
+    if client is not None and client != "":  # a malformed id must not make the client the shared default
+        return _checked_name(client, "client_id") or DEFAULT_CLIENT
+    value = request.get("session")
+    if isinstance(value, dict):
+        value = value.get("name") or value.get("session_id")
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+        return str(value).strip()[:MAX_NAME_LENGTH]
     return DEFAULT_CLIENT
 
 
@@ -72,9 +88,7 @@ def label_of(request: dict) -> str:
     label = request.get("label")
     if label is None or label == "":
         return DEFAULT_LABEL
-    if not isinstance(label, (str, int)) or isinstance(label, bool):
-        raise PromptFormatError(f"'label' must be a name, got {label!r}")
-    return str(label).strip()[:200] or DEFAULT_LABEL
+    return _checked_name(label, "label") or DEFAULT_LABEL
 
 
 def roi_ijk(box: raps3d.Box) -> list[int]:
@@ -124,7 +138,7 @@ class Raps3DInfer(InferTask):
             raise HTTPException(status_code=422, detail=detail) from None
 
     def _unnamed_object(self, store: raps3d.SessionStore, client: str, image: Hashable, prompts: PromptSet,
-                        latest: bool) -> str:
+                        latest: bool) -> tuple:
         """The session key of a request that names no object (OHIF's point prompts send each segment's clicks, and
         no label). Such an object is known by its first prompt, which a segment's clicks always start with:
         switching between segments then edits each one's session instead of rebuilding it. ``latest``: an undo or a
@@ -136,13 +150,13 @@ class Raps3DInfer(InferTask):
         with self._unnamed_lock:
             keys = self._unnamed.get((client, image))
             if latest or first is None:  # (a request without a first prompt is refused)
-                return next(reversed(keys)) if keys else DEFAULT_LABEL
+                return next(reversed(keys)) if keys else (UNNAMED, None)  # none: an undo finds no session
             if keys is None:
                 keys = self._unnamed[(client, image)] = OrderedDict()
                 while len(self._unnamed) > MAX_REMEMBERED_CLIENTS:
                     self._unnamed.popitem(last=False)
             self._unnamed.move_to_end((client, image))
-            key = f"{DEFAULT_LABEL} (first prompt {first})"
+            key = (UNNAMED, repr(first))  # a tuple: no label a client names (a string) can be the same key
             keys[key] = None
             keys.move_to_end(key)
             dropped = []
