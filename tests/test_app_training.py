@@ -174,6 +174,9 @@ def test_stopped_training_leaves_the_served_model_intact(train_server):
     r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 500, "batch_size": 2, "publish": "always"},
                       timeout=60)
     assert r.status_code == 200, r.text
+    # A second click at once (before MONAI Label counts the first as running) is refused, not queued.
+    r = requests.post(f"{srv.url}/train/raps3d", json={"steps": 2, "batch_size": 2}, timeout=60)
+    assert r.status_code == 429 and r.json()["detail"].startswith("a training run is already submitted or running")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (train_stats(srv).get("status") == "RUNNING"
                                                and train_stats(srv).get("epoch", 0) >= 1):
@@ -205,6 +208,10 @@ def test_failed_training_says_why_and_leaves_the_served_model_intact(train_serve
                             ({"batch_size": 512}, "batch_size must be from 1 to 64, got 512")]:
         r = requests.post(f"{srv.url}/train/raps3d", json=params, timeout=60)
         assert r.status_code == 400 and r.json()["detail"] == message, r.text
+    r = requests.post(f"{srv.url}/train/raps3d", params={"run_sync": "true"}, json={"steps": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["detail"].startswith("training runs in the background only"), r.text
+    r = requests.post(f"{srv.url}/train/segvol", json={"steps": 2}, timeout=60)
+    assert r.status_code == 404 and r.json()["detail"] == "no train task 'segvol'; there is 'raps3d'", r.text
     assert len(requests.get(f"{srv.url}/train/", params={"all": True}, timeout=30).json()) == runs
     # MONAI Label's route for all models passes it on unchecked: the run itself fails, and says why.
     r = requests.post(f"{srv.url}/train/", json={"raps3d": {"steps": 2, "batch_size": 2, "lr": "fast"}}, timeout=60)

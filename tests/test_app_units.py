@@ -1250,7 +1250,7 @@ def test_training_options_are_checked_and_typed():
     assert cfg == {"steps": 30, "batch_size": 4, "lr": 1e-4, "val_split": 0.2, "seed": 0, "publish": "never",
                    "freeze_image_encoder": True}
     assert type(cfg["steps"]) is int and type(cfg["lr"]) is float
-    for raw, value in [(False, False), ("false", False), (" True ", True), ("FALSE", False)]:
+    for raw, value in [(False, False), ("false", False), (" True ", True), ("FALSE", False), (1, True), ("no", False)]:
         assert training_options({"freeze_image_encoder": raw}, defaults)["freeze_image_encoder"] is value
     for request, message in [({"lr": "fast"}, "lr must be a number, got 'fast'"),
                              ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
@@ -1264,9 +1264,9 @@ def test_training_options_are_checked_and_typed():
                              ({"seed": 2**63}, f"seed must be from 0 to {2**31 - 1}, got {2**63}"),
                              ({"steps": 10**400}, f"steps must be a whole number, got {10**400}"),
                              ({"publish": "yes"}, "publish must be 'if_better', 'always' or 'never', got 'yes'"),
-                             ({"freeze_image_encoder": 1}, "freeze_image_encoder must be true or false, got 1"),
-                             ({"freeze_image_encoder": "no"},
-                              "freeze_image_encoder must be true or false, got 'no'")]:
+                             ({"freeze_image_encoder": 2}, "freeze_image_encoder must be true or false, got 2"),
+                             ({"freeze_image_encoder": "maybe"},
+                              "freeze_image_encoder must be true or false, got 'maybe'")]:
         with pytest.raises(ValueError) as e:
             training_options(request, defaults)
         assert str(e.value) == message
@@ -1431,11 +1431,60 @@ def test_a_run_that_diverges_publishes_nothing_and_says_so(tmp_path, monkeypatch
     assert not task.publish_path.exists() and not task._scratch.exists()
 
 
+def test_a_run_waits_for_no_other_process_holding_its_files(tmp_path):
+    """A run that outlived a restarted server still writes the stats, candidate and model: a second run refuses to
+    start, and writes nothing over the first one's record."""
+    import fcntl
+    import json
+
+    datastore, task = _small_datastore(tmp_path), _small_train_task(tmp_path)
+    task.stats_path.parent.mkdir(parents=True)
+    task.stats_path.write_text(json.dumps({"status": "RUNNING", "pid": 1}))
+    assert not task.run_in_progress()
+    held = os.open(task._lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the other process's run holds it
+        assert task.run_in_progress()
+        with pytest.raises(RuntimeError, match=r"another training run still holds \.tuned\.train\.lock"):
+            task({"steps": 1, "batch_size": 1}, datastore)
+        assert json.loads(task.stats_path.read_text()) == {"status": "RUNNING", "pid": 1}
+    finally:
+        os.close(held)
+    assert not task.run_in_progress()
+
+
+def test_a_run_whose_server_stopped_stops_and_says_so(tmp_path, monkeypatch):
+    """MONAI Label starts a run as its child; killed, the server leaves it training alone, its reports going nowhere."""
+    import json
+    import subprocess
+    import sys
+
+    import lib.trainers.raps3d as trainer
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    datastore, task = _small_datastore(tmp_path), _small_train_task(tmp_path)
+    monkeypatch.setattr(trainer.os, "getppid", lambda: gone.pid)
+    with pytest.raises(trainer.ServerStopped, match="the server that started this training run stopped"):
+        task({"steps": 2, "batch_size": 1, "publish": "always"}, datastore)
+    stats = json.loads(task.stats_path.read_text())
+    assert stats["status"] == "STOPPED" and stats["epoch"] == 0, stats
+    assert stats["message"] == "training stopped: the server that started it stopped; the served model is unchanged"
+    assert not task.publish_path.exists() and not task._scratch.exists()
+
+
 def test_a_run_without_labels_says_so(tmp_path):
     import json
 
     datastore, task = _small_datastore(tmp_path, labelled=False), _small_train_task(tmp_path)
     with pytest.raises(ValueError, match="no image has a saved 'final' label to train on"):
+        task({"steps": 1, "batch_size": 1}, datastore)
+    assert json.loads(task.stats_path.read_text())["status"] == "FAILED" and not task.publish_path.exists()
+    empty = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((24, 48, 48), np.uint8)), str(empty))
+    datastore.save_label("ct_01", str(empty), "final", {})
+    with pytest.raises(ValueError, match=r"^none of the images with a saved 'final' label can be trained on "
+                                         r"\(skipped: \{'ct_01': 'its label holds no structure of at least 20 "):
         task({"steps": 1, "batch_size": 1}, datastore)
     assert json.loads(task.stats_path.read_text())["status"] == "FAILED" and not task.publish_path.exists()
 

@@ -11,6 +11,7 @@ process runs per GPU (torch.distributed, NCCL), gradients averaged; the batch si
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from raps3d.training.validation import fixed_samples, quick_dice
 
 from ..images import ImageReadError, read_for_model, read_label_on_grid
 from ..model_service import fallback_warning, load_served
-from ..options import AppOptions
+from ..options import AppOptions, yes_no
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,47 @@ class Raps3DTrain(TrainTask):
             del volume, label  # before the next image is read: one image's full-size arrays at a time
         return cases, skipped
 
-    def __call__(self, request, datastore: Datastore):
+    @property
+    def _lock_path(self) -> Path:
+        return self.publish_path.with_name(f".{self.publish_path.stem}.train.lock")
+
+    def _take_lock(self):
+        """An exclusive lock on the run's files (stats, candidate, published model), or None when another process
+        holds it: a run from before a server restart may still be ending. The system releases it with the process,
+        however that ends."""
         self.publish_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def run_in_progress(self) -> bool:
+        """Whether a training process (this server's, or one that outlived an earlier server) holds the lock."""
+        fd = self._take_lock()
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    def __call__(self, request, datastore: Datastore):
+        lock = self._take_lock()
+        if lock is None:  # nothing written: the stats are the other run's
+            raise RuntimeError(f"another training run still holds {self._lock_path.name}; try again once it ended")
+        try:
+            return self._run(request, datastore)
+        finally:
+            os.close(lock)
+
+    def _run(self, request, datastore: Datastore):
         for path in (self.publish_path, self._scratch, previous_path(self.publish_path)):
             remove_stale_writes(path)  # half-written files of a run killed while saving
         stats = {"name": request.get("name", "raps3d"), "status": "RUNNING", "start_ts": time.time(), "epoch": 0,
                  "total_epochs": None, "best_metric": None, "pid": os.getpid(), "host": socket.gethostname(),
-                 "process_start": _process_start(os.getpid())}
+                 "process_start": _process_start(os.getpid()), "server_pid": os.getppid(),
+                 "server_start": _start_or_none(os.getppid())}
         self._write_stats(stats)
         scratch = self._scratch
         try:  # from here on, a failure is recorded in the stats (FAILED, with the error)
@@ -162,9 +197,11 @@ class Raps3DTrain(TrainTask):
             cases, skipped = self._cases(datastore)
             stats["skipped_images"] = skipped
             self._write_stats(stats)
+            if not cases and skipped:  # labels there are, but none can be trained on
+                raise ValueError(f"none of the images with a saved '{LABEL_TAG}' label can be trained on (skipped: "
+                                 f"{skipped})")
             if not cases:
-                raise ValueError(f"no image has a saved '{LABEL_TAG}' label to train on"
-                                 + (f" (skipped: {skipped})" if skipped else ""))
+                raise ValueError(f"no image has a saved '{LABEL_TAG}' label to train on")
             train_cases, val_cases = split_by_image(cases, cfg["val_split"], cfg["seed"])
             if self.options.torch_threads > 0:
                 torch.set_num_threads(self.options.torch_threads)
@@ -210,6 +247,9 @@ class Raps3DTrain(TrainTask):
         except BaseException as e:  # the served model is untouched; say so, and leave no scratch file behind
             stats = {**self.stats(), "status": "FAILED", "end_ts": time.time(),
                      "error": f"{type(e).__name__}: {e}", "message": "training failed; the served model is unchanged"}
+            if not _server_alive(stats):  # its output pipe is gone too: a BrokenPipeError is not the run's fault
+                stats.update(status="STOPPED", message="training stopped: the server that started it stopped; the "
+                             "served model is unchanged")
             scratch.unlink(missing_ok=True)  # first: on a full disk it makes the room to record the failure
             try:
                 self._write_stats(stats)
@@ -222,9 +262,9 @@ class Raps3DTrain(TrainTask):
         stats = {**self.stats(), "baseline_dice": baseline}
         stats.update(status="FINISHED", end_ts=time.time(), val_dice=candidate, published=published,
                      best_metric=max(stats.get("best_metric") or 0.0, candidate),
-                     message=(f"published: validation Dice {candidate:.3f}, served model's {baseline:.3f}"
-                              if published else f"kept the served model: validation Dice {candidate:.3f}, served "
-                              f"model's {baseline:.3f}"))
+                     message=(("published" if published else "a trial run (publish: never): nothing published"
+                               if cfg["publish"] == "never" else "kept the served model")
+                              + f": validation Dice {candidate:.3f}, served model's {baseline:.3f}"))
         self._write_stats(stats)
         logger.info(stats["message"])
         return stats
@@ -298,20 +338,10 @@ def training_options(request: dict, defaults: dict) -> dict:
     out = {"steps": number("steps", int, 1, MAX_STEPS), "batch_size": number("batch_size", int, 1, MAX_BATCH_SIZE),
            "lr": number("lr", float, 1e-12, 1.0), "val_split": number("val_split", float, 0.0, 0.9),
            "seed": number("seed", int, 0, MAX_SEED), "publish": cfg["publish"],
-           "freeze_image_encoder": flag("freeze_image_encoder", cfg["freeze_image_encoder"])}
+           "freeze_image_encoder": yes_no(cfg["freeze_image_encoder"], "freeze_image_encoder")}
     if out["publish"] not in PUBLISH_CHOICES:
         raise ValueError(f"publish must be 'if_better', 'always' or 'never', got {cfg['publish']!r}")
     return out
-
-
-def flag(key: str, raw) -> bool:
-    """A yes/no option: a JSON boolean, or the text 'true' or 'false' (as a form or a viewer's options panel sends
-    it)."""
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
-        return raw.strip().lower() == "true"
-    raise ValueError(f"{key} must be true or false, got {raw!r}")
 
 
 def _image_name(path: str) -> str:
@@ -353,6 +383,15 @@ def served_dice(model, samples) -> float:
     return quick_dice(model, samples, float(model.mask_threshold))
 
 
+class ServerStopped(RuntimeError):
+    """The server that started the run is gone: nothing would publish or report the run's result."""
+
+
+def _server_alive(stats: dict) -> bool:
+    return stats.get("server_pid") is None or _alive(stats["server_pid"], socket.gethostname(),
+                                                     stats.get("server_start"))
+
+
 def _alive(pid, host, process_start=None) -> bool:
     """Whether the training process that wrote the stats still runs (assumed so when it ran on another host). A
     process id that was reused by another process since does not count."""
@@ -378,6 +417,13 @@ def _process_start(pid: int):
         raise psutil.NoSuchProcess(pid) from None
 
 
+def _start_or_none(pid: int):
+    try:
+        return _process_start(pid)
+    except psutil.NoSuchProcess:  # gone already
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -397,6 +443,8 @@ def _fit(rank: int, world: int, port: int, device: str, scratch: Path, train_cas
         val_samples = fixed_samples(val_cases, model.config, 16)
 
         def progress(entry):
+            if not _server_alive(stats):  # MONAI Label starts the run as its child; an orphan would train on alone
+                raise ServerStopped("the server that started this training run stopped")
             stats.update(epoch=entry["step"], loss=entry["loss"], seconds=entry["seconds"])
             if "val_dice" in entry:
                 stats["val_dice"] = entry["val_dice"]
