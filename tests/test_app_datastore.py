@@ -234,6 +234,24 @@ def test_batch_infer_takes_only_the_datastores_images(server, outside_ct):
                       json={"images": {str(outside_ct): 0}, "foreground": [CLICK]}, timeout=300)
     assert r.status_code == 400, r.text[:500]
     assert r.json()["detail"] == "images must be 'all', 'labeled', 'unlabeled' or a list of image ids"
+    import numpy as np
+    import SimpleITK as sitk
+
+    # Without a GPU too (MONAI Label spread the images over an empty list of GPUs: a division by zero).
+    r = requests.post(f"{server.url}/batch/infer/raps3d", params={"run_sync": "true"},
+                      json={"images": [IMAGE], "foreground": [CLICK], "label_tag": "batch"}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
+    try:
+        saved = next((server.studies / "labels" / "batch").glob(f"{IMAGE}.*"))
+        saved = sitk.GetArrayFromImage(sitk.ReadImage(str(saved)))
+        reply = server.infer_ok(IMAGE, {"foreground": [CLICK], "client_id": "batch-reference",
+                                        "result_extension": ".nrrd"}, output="image")
+        reference, _ = server.nrrd_label(reply.content)  # [i, j, k]
+        assert reference.any() and saved.shape == (48, 128, 160)
+        assert np.array_equal(saved.transpose(2, 1, 0) > 0, reference > 0)
+    finally:
+        assert requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "batch"},
+                               timeout=60).status_code == 200
 
 
 def session_of(server, content: bytes, filename: str, uncompress: bool = False):

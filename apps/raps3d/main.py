@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -117,6 +119,9 @@ class Raps3DApp(MONAILabelApp):
                 raise HTTPException(status_code=404, detail=f"not in the datastore: {unknown[:5]!r}"
                                                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5
                                                                else ""))
+        if not torch.cuda.is_available():  # MONAI Label spreads images over the GPUs: none here divides by zero
+            request.setdefault("multi_gpu", False)
+            request.setdefault("device", "cpu")
         return super().batch_infer(request, datastore)
 
     def next_sample(self, request):
