@@ -449,3 +449,29 @@ def test_an_image_id_keeps_its_image_and_its_labels(server):
         assert not list((server.studies / "labels" / "final").glob("kept_ct.*"))
     finally:
         assert requests.delete(listing, params={"id": "kept_ct"}, timeout=60).status_code == 200
+
+
+def test_image_and_label_info_updates_are_checked(server):
+    """MONAI Label answered 500 for these, and let a client write the records that decide the next image to hand
+    out (a malformed one stopped active learning for everyone)."""
+    url = f"{server.url}/datastore"
+    for route, query, info, status, detail in [
+        ("/image/info", {"image": IMAGE}, "{bad", 400, "info is not valid JSON"),
+        ("/image/info", {"image": IMAGE}, "[1, 2]", 400, "info must be a JSON object"),
+        ("/image/info", {"image": IMAGE}, '{"strategy": "oops"}', 400,
+         "info keys ['strategy'] are written by the server only"),
+        ("/image/info", {"image": IMAGE}, '{"raps3d_uncertainty": 1e308}', 400,
+         "info keys ['raps3d_uncertainty'] are written by the server only"),
+        ("/image/info", {"image": "no_such_image"}, "{}", 404, "image 'no_such_image' is not in the datastore"),
+        ("/label/info", {"label": "no_such_image", "tag": "final"}, "{}", 404,
+         "image 'no_such_image' is not in the datastore"),
+        ("/label/info", {"label": IMAGE, "tag": "never_saved"}, "{}", 404,
+         f"image '{IMAGE}' has no label tagged 'never_saved'"),
+    ]:
+        r = requests.put(f"{url}{route}", params=query, data={"info": info}, timeout=60)
+        assert r.status_code == status and r.json()["detail"].startswith(detail), (route, info, r.text)
+    r = requests.put(f"{url}/image/info", params={"image": IMAGE}, data={"info": '{"reviewed_by": "dr x"}'},
+                     timeout=60)
+    assert r.status_code == 200, r.text
+    info = requests.get(f"{url}/image/info", params={"image": IMAGE}, timeout=60).json()
+    assert info["reviewed_by"] == "dr x"

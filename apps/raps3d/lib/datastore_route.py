@@ -27,7 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.endpoints.datastore import add_image, remove_image, remove_label, save_label
+from monailabel.endpoints.datastore import (add_image, remove_image, remove_label, save_label, update_image_info,
+                                            update_label_info)
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
@@ -154,6 +155,38 @@ async def raps3d_remove_label(id: str, tag: str, user: User = Depends(RBAC(setti
     return removed
 
 
+# Image info the server writes: active learning's hand-out records and the uncertainty scores. Written by a client,
+# they would decide (or stop) what every annotator is handed next.
+SERVER_INFO_KEYS = ("strategy", "raps3d_uncertainty", "raps3d_uncertainty_details")
+
+
+def _client_info(info: str, image: str) -> dict:
+    values = parse_params(info, "info")
+    reserved = sorted(k for k in values if k in SERVER_INFO_KEYS)
+    if reserved:
+        raise HTTPException(status_code=400, detail=f"info keys {reserved} are written by the server only")
+    if image not in app_instance().datastore().list_images():  # MONAI Label: 500
+        raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore")
+    return values
+
+
+async def raps3d_update_image_info(image: str, info: str = Form("{}"),
+                                   user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    check_plain_name(image, "the image id")
+    _client_info(info, image)
+    return update_image_info(image, info, user.username)
+
+
+async def raps3d_update_label_info(label: str, tag: str, info: str = Form("{}"),
+                                   user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    check_plain_name(label, "the image id")
+    check_tag(tag, "the label tag")
+    _client_info(info, label)
+    if tag not in app_instance().datastore().get_labels_by_image_id(label):
+        raise HTTPException(status_code=404, detail=f"image {label[:200]!r} has no label tagged {tag[:80]!r}")
+    return update_label_info(label, tag, info, user.username)
+
+
 @contextlib.contextmanager
 def upload_copy(upload: UploadFile, default_name: str):
     """A copy of an upload in a temporary folder, under a name that keeps the upload's suffixes (its file type, as
@@ -209,7 +242,9 @@ def install(fastapi_app=None) -> bool:
               ("/image", raps3d_remove_image, "DELETE", "Remove Image and corresponding labels"),
               ("/", raps3d_remove_image, "DELETE", "Remove Image and corresponding labels"),  # MONAI Label serves both
               ("/image", raps3d_add_image, "PUT", "Upload new Image"),
-              ("/", raps3d_add_image, "PUT", "Upload new Image")]
+              ("/", raps3d_add_image, "PUT", "Upload new Image"),
+              ("/image/info", raps3d_update_image_info, "PUT", "Update Image Info"),
+              ("/label/info", raps3d_update_label_info, "PUT", "Update Label Info")]
     installed = [put_first(APIRoute(f"{api}{path}", endpoint, methods=[method], summary=f"{summary} (checked)",
                                     name=f"{ROUTE_PREFIX}_{method}_{path}"), fastapi_app)
                  for path, endpoint, method, summary in routes]

@@ -49,16 +49,17 @@ def check_tag(value, what: str) -> None:
         raise HTTPException(status_code=400, detail=f"{what} must not start or end with a space, got {value[:80]!r}")
 
 
-def parse_params(params: str) -> dict:
-    """A request's ``params`` form field as a dict; a 400 where MONAI Label's json.loads would answer 500."""
+def parse_params(params: str, what: str = "params") -> dict:
+    """A request's ``params`` form field (or another named ``what``) as a dict; a 400 where MONAI Label's json.loads
+    would answer 500."""
     try:
         values = json.loads(params) if params else {}
     except ValueError as e:
-        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {e}") from None
+        raise HTTPException(status_code=400, detail=f"{what} is not valid JSON: {e}") from None
     except RecursionError:  # arrays nested thousands deep
-        raise HTTPException(status_code=400, detail="params is nested too deeply") from None
+        raise HTTPException(status_code=400, detail=f"{what} is nested too deeply") from None
     if not isinstance(values, dict):
-        raise HTTPException(status_code=400, detail="params must be a JSON object")
+        raise HTTPException(status_code=400, detail=f"{what} must be a JSON object")
     return values
 
 
